@@ -1,0 +1,28 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install test lint demo bench
+
+# torch is pinned first so pip never resolves a bare `torch` (a multi-GB CUDA build);
+# pyproject only asks torch>=2.4, so GPU users keep the build they have.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks examples
+
+demo: install
+	$(PY) examples/quickstart.py
+
+bench: install
+	$(PY) benchmarks/bench_forward_backward.py

@@ -1,0 +1,145 @@
+"""SIMoEConfig: the single source of the method's options (what gets upcycled, how, and why)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+CONFIG_NAME = "simoe_config.json"
+WEIGHTS_NAME = "simoe_model.safetensors"
+
+ROUTER_INPUTS = ("embedding-mean", "hidden-mean")
+SPARSITY_SCOPES = ("union", "expert")
+
+
+@dataclass
+class SIMoEConfig:
+    """Options of a SIMoE upcycling. Defaults follow the paper (M = 8, 75 % sparsity)."""
+
+    num_experts: int = field(default=8, metadata={"help": "M, the number of sparse experts."})
+    target_sparsity: float = field(
+        default=0.75,
+        metadata={"help": "Fraction of upcycled parameters whose Δ is gated off; in [0, 1)."},
+    )
+    sparsity_scope: str = field(
+        default="union",
+        metadata={
+            "help": "What the sparsity constraint bounds: 'union' (entries used by any expert, "
+            "which sets the inference size) or 'expert' (each expert separately, as SMAT)."
+        },
+    )
+    target_modules: str | list[str] = field(
+        default="all-linear",
+        metadata={
+            "help": "'all-linear' (every Linear/Conv1D but the output layer), a list of module "
+            "names or name suffixes, or a regex matched against full module names (as PEFT)."
+        },
+    )
+    upcycle_norms: bool = field(
+        default=True, metadata={"help": "Also upcycle the weights of every normalisation layer."}
+    )
+    router_input: str = field(
+        default="embedding-mean",
+        metadata={
+            "help": "Prompt representation the router reads: 'embedding-mean' (mean of frozen "
+            "input embeddings) or 'hidden-mean' (mean of a frozen hidden layer of the base)."
+        },
+    )
+    router_hidden_layer: int | None = field(
+        default=None,
+        metadata={"help": "Decoder layer whose output 'hidden-mean' reads; default the middle."},
+    )
+    router_hidden_size: int = field(default=256, metadata={"help": "Router MLP width."})
+    router_temperature: float = field(
+        default=1.0, metadata={"help": "Initial softmax temperature τ0 of the router."}
+    )
+    router_min_temperature: float = field(
+        default=0.5, metadata={"help": "Temperature τ_min reached at the end of annealing."}
+    )
+    mask_init_logit: float = field(
+        default=3.0,
+        metadata={"help": "Initial log α; 3.0 gives P(z≠0) ≈ 0.99, i.e. training starts dense."},
+    )
+    mask_init_std: float = field(
+        default=0.1,
+        metadata={"help": "Std of the noise added to the initial log α, to break expert symmetry."},
+    )
+    mask_logit_min: float = field(
+        default=math.log(0.01), metadata={"help": "Lower bound of log α (SMAT: ln 0.01)."}
+    )
+    mask_logit_max: float = field(
+        default=math.log(100.0), metadata={"help": "Upper bound of log α (SMAT: ln 100)."}
+    )
+    orthogonality_weight: float = field(
+        default=1.0, metadata={"help": "μ, the weight of the expert orthogonality penalty."}
+    )
+    base_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Base model the experts were trained on (recorded)."}
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
+        if not 0.0 <= float(self.target_sparsity) < 1.0:
+            raise ValueError(f"target_sparsity must be in [0, 1), got {self.target_sparsity!r}")
+        if self.sparsity_scope not in SPARSITY_SCOPES:
+            raise ValueError(
+                f"sparsity_scope must be one of {SPARSITY_SCOPES}, got {self.sparsity_scope!r}"
+            )
+        if self.router_input not in ROUTER_INPUTS:
+            raise ValueError(f"router_input must be one of {ROUTER_INPUTS}, got {self.router_input!r}")
+        if isinstance(self.target_modules, (list, tuple)):
+            if not self.target_modules or not all(isinstance(n, str) for n in self.target_modules):
+                raise ValueError("target_modules must be a non-empty list of module names")
+            self.target_modules = list(self.target_modules)
+        elif not isinstance(self.target_modules, str) or not self.target_modules:
+            raise ValueError(f"target_modules must be a string or a list, got {self.target_modules!r}")
+        if self.router_hidden_size < 1:
+            raise ValueError(f"router_hidden_size must be >= 1, got {self.router_hidden_size}")
+        if not 0.0 < self.router_min_temperature <= self.router_temperature:
+            raise ValueError("router temperatures must satisfy 0 < router_min_temperature <= "
+                             f"router_temperature, got {self.router_min_temperature}, "
+                             f"{self.router_temperature}")
+        if not self.mask_logit_min < self.mask_logit_max:
+            raise ValueError("mask_logit_min must be below mask_logit_max")
+
+    @property
+    def target_density(self) -> float:
+        return 1.0 - self.target_sparsity
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> SIMoEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written config
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> SIMoEConfig:
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        return cls.from_dict(data, source=path)

@@ -1,0 +1,280 @@
+"""SIMoEModel: a frozen Hugging Face causal LM upcycled with sparse interpolated experts."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from simoe import objectives
+from simoe.config import WEIGHTS_NAME, SIMoEConfig
+from simoe.layer import SIMoELayer, SIMoELinear, SIMoENorm
+from simoe.router import Router, masked_mean
+from simoe.targets import find_targets, is_linear
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end the base model's forward once the router's layer has run."""
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    n = model.config.get_text_config().num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+
+
+class SIMoEModel(nn.Module):
+    """Wraps (and modifies in place) ``base_model``: every targeted module becomes a SIMoE layer.
+
+    Use :func:`upcycle` to build one and :meth:`from_pretrained` to load a saved one.
+    """
+
+    def __init__(self, base_model: PreTrainedModel, config: SIMoEConfig):
+        super().__init__()
+        if any(isinstance(m, SIMoELayer) for m in base_model.modules()):
+            raise ValueError("this model is already upcycled; upcycle a fresh base model")
+        targets = find_targets(base_model, config)
+        base_model.requires_grad_(False)
+        for name, module in targets:
+            cls = SIMoELinear if is_linear(module) else SIMoENorm
+            layer = cls(module, config.num_experts, config.mask_init_logit, config.mask_init_std)
+            base_model.set_submodule(name, layer)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(base_model, "name_or_path", None) or None
+        self.simoe_config = config
+        self.base_model = base_model
+
+        embeddings = base_model.get_input_embeddings()
+        if config.router_input == "embedding-mean":
+            input_size = embeddings.weight.shape[1]
+        else:
+            input_size = base_model.config.get_text_config().hidden_size
+            layers = _decoder_layers(base_model)
+            k = len(layers) // 2 if config.router_hidden_layer is None else config.router_hidden_layer
+            if not 0 <= k < len(layers):
+                raise ValueError(f"router_hidden_layer={k} outside [0, {len(layers)})")
+            self._router_layer = layers[k]
+        self.router = Router(
+            input_size, config.num_experts, config.router_hidden_size, config.router_temperature
+        ).to(embeddings.weight.device)
+
+    # ---------------------------------------------------------------- structure
+    def simoe_layers(self) -> Iterator[tuple[str, SIMoELayer]]:
+        """(qualified name in the base model, layer) for every upcycled module."""
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, SIMoELayer):
+                yield name, module
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable tensors by role, for separate learning rates (Δ, mask logits, router)."""
+        layers = [layer for _, layer in self.simoe_layers()]
+        return {
+            "delta": [layer.delta for layer in layers],
+            "mask_logits": [layer.log_alpha for layer in layers],
+            "router": list(self.router.parameters()),
+        }
+
+    @torch.no_grad()
+    def clamp_mask_logits_(self) -> None:
+        """Keep log α in its bounded range; call after every optimizer step.
+
+        Clamping the data (not the forward value) keeps the gradient alive at the bounds.
+        """
+        for _, layer in self.simoe_layers():
+            layer.log_alpha.clamp_(self.simoe_config.mask_logit_min, self.simoe_config.mask_logit_max)
+
+    def set_router_temperature(self, temperature: float) -> None:
+        self.router.temperature.fill_(float(temperature))
+
+    # ---------------------------------------------------------------- routing
+    def route(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Router coefficients [batch, M] (rows sum to 1) from the prompt tokens only.
+
+        Prompt tokens are those with ``prompt_mask`` = 1 (when given) and ``attention_mask`` = 1.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask if prompt_mask is None else attention_mask * prompt_mask
+        with torch.no_grad():  # the base is frozen: its features need no graph
+            if self.simoe_config.router_input == "embedding-mean":
+                hidden = self.base_model.get_input_embeddings()(input_ids)
+            else:
+                hidden = self._hidden_states(input_ids, attention_mask)
+            features = masked_mean(hidden.float(), mask)
+        return self.router(features)
+
+    def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Output of the router's decoder layer under the *base* weights (a partial forward)."""
+        captured = {}
+
+        def grab(module, args, output):
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output
+            raise _StopForward
+
+        # Positions from the mask, so left- and right-padded prompts see the same positions.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        handle = self._router_layer.register_forward_hook(grab)
+        try:
+            with self.bypass():
+                self.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured["hidden"]
+
+    def set_routing(self, routing: torch.Tensor) -> None:
+        """Merge every layer's expert masks with ``routing`` [batch, M]: m = r @ z.
+
+        Gates are sampled here, once per forward (train mode), or deterministic (eval mode).
+        """
+        m = self.simoe_config.num_experts
+        if routing.dim() != 2 or routing.shape[1] != m:
+            raise ValueError(f"routing must have shape [batch, {m}], got {tuple(routing.shape)}")
+        routing = routing.float()
+        for _, layer in self.simoe_layers():
+            layer.mix = routing @ layer.gates()
+
+    @contextlib.contextmanager
+    def bypass(self) -> Iterator[None]:
+        """Inside this context the model computes exactly the frozen base model."""
+        layers = [layer for _, layer in self.simoe_layers()]
+        saved = [layer.mix for layer in layers]
+        for layer in layers:
+            layer.mix = None
+        try:
+            yield
+        finally:
+            for layer, mix in zip(layers, saved, strict=True):
+                layer.mix = mix
+
+    # ---------------------------------------------------------------- forward / generate
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        routing: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """The base model's forward (HF outputs, loss from ``labels``) under routed experts.
+
+        ``routing`` overrides the router; otherwise it is computed from the prompt tokens.
+        """
+        if routing is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids to route on, or an explicit routing")
+            routing = self.route(input_ids, attention_mask, prompt_mask)
+        self.set_routing(routing)
+        return self.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        routing: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """``transformers`` generation; the routing is computed from each prompt once."""
+        if routing is None:
+            routing = self.route(input_ids, attention_mask)
+        self.set_routing(routing)
+        return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    # ---------------------------------------------------------------- reports
+    @torch.no_grad()
+    def sparsity_report(self) -> dict:
+        """Expected and deterministic density of every expert and of their union."""
+        layers = [layer for _, layer in self.simoe_layers()]
+        exp_expert, exp_union = objectives.expected_density(layers)
+        det_expert, det_union, total = objectives.deterministic_nonzero(layers)
+
+        def entry(expected: torch.Tensor, nonzero: int) -> dict:
+            return {
+                "expected_density": float(expected),
+                "deterministic_density": nonzero / total,
+                "nonzero_params": int(nonzero),
+            }
+
+        return {
+            "num_experts": self.simoe_config.num_experts,
+            "target_density": self.simoe_config.target_density,
+            "upcycled_modules": len(layers),
+            "upcycled_params": total,
+            "experts": [entry(e, int(n)) for e, n in zip(exp_expert, det_expert, strict=True)],
+            "union": entry(exp_union, int(det_union)),
+        }
+
+    # ---------------------------------------------------------------- persistence
+    def simoe_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors that define a SIMoE model beyond its base: Δ, log α, router."""
+        state = {}
+        for name, layer in self.simoe_layers():
+            state[f"{name}.delta"] = layer.delta
+            state[f"{name}.log_alpha"] = layer.log_alpha
+        for key, value in self.router.state_dict().items():
+            state[f"router.{key}"] = value
+        return state
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``simoe_config.json`` and ``simoe_model.safetensors`` (no base weights)."""
+        os.makedirs(directory, exist_ok=True)
+        self.simoe_config.save_pretrained(directory)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.simoe_state_dict().items()}
+        path = os.path.join(directory, WEIGHTS_NAME)
+        tmp = path + ".tmp"
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)  # atomic: a crash mid-write never corrupts a checkpoint
+
+    def load_simoe_weights(self, directory: str | os.PathLike) -> None:
+        path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+        loaded = load_file(path)
+        own = self.simoe_state_dict()
+        missing, unexpected = sorted(own.keys() - loaded.keys()), sorted(loaded.keys() - own.keys())
+        if missing or unexpected:
+            raise ValueError(
+                f"{path} does not fit this model: missing {missing[:5]} ({len(missing)}), "
+                f"unexpected {unexpected[:5]} ({len(unexpected)}); was it saved from another base?"
+            )
+        with torch.no_grad():
+            for key, tensor in own.items():
+                if tensor.shape != loaded[key].shape:
+                    raise ValueError(f"{path}: {key} has shape {tuple(loaded[key].shape)}, "
+                                     f"the model expects {tuple(tensor.shape)}")
+                tensor.copy_(loaded[key])
+
+    @classmethod
+    def from_pretrained(
+        cls, base_model: PreTrainedModel, directory: str | os.PathLike
+    ) -> SIMoEModel:
+        """Upcycle ``base_model`` as the saved config says, then load the saved SIMoE tensors."""
+        model = cls(base_model, SIMoEConfig.from_pretrained(directory))
+        model.load_simoe_weights(directory)
+        return model
+
+
+def upcycle(base_model: PreTrainedModel, config: SIMoEConfig | None = None) -> SIMoEModel:
+    """Freeze ``base_model`` and upcycle its targeted modules into SIMoE layers (in place).
+
+    Right after upcycling Δ = 0, so the model computes exactly what the base model computes.
+    """
+    return SIMoEModel(base_model, config if config is not None else SIMoEConfig())

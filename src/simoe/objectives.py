@@ -1,0 +1,103 @@
+"""The regularisers of the SIMoE objective (spec §4); the trainer adds them to the NLL.
+
+    L = NLL + Σ_m [λ1_m (d_m - t) + λ2_m (d_m - t)²] + μ · L_orth
+
+Densities are parameter-weighted: a gate on a column of an (out x in) weight counts `out`
+parameters, a gate on a norm element counts one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from simoe import hard_concrete
+from simoe.layer import SIMoELayer
+
+
+def _layers(layers: Iterable[SIMoELayer] | Iterable[tuple[str, SIMoELayer]]) -> list[SIMoELayer]:
+    return [x[1] if isinstance(x, tuple) else x for x in layers]
+
+
+def expected_density(layers: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expected density of each expert [M] and of their union (scalar), differentiable.
+
+    d_m = Σ_gates P(z_m != 0) · params(gate) / total; the union's gate is non-zero when any
+    expert's is, P = 1 - Π_m (1 - p_m), assuming independent gates (they are, by construction).
+    """
+    per_expert, union, total = 0.0, 0.0, 0
+    for layer in _layers(layers):
+        p = hard_concrete.prob_nonzero(layer.log_alpha)  # [M, in]
+        w = layer.params_per_gate
+        per_expert = per_expert + p.sum(dim=1) * w
+        union = union + (1.0 - torch.prod(1.0 - p, dim=0)).sum() * w
+        total += layer.base.weight.numel()
+    return per_expert / total, union / total
+
+
+@torch.no_grad()
+def deterministic_nonzero(layers: Iterable) -> tuple[torch.Tensor, int, int]:
+    """Δ entries switched on by the deterministic (eval) gates: per expert [M], union, total."""
+    per_expert, union, total = 0, 0, 0
+    for layer in _layers(layers):
+        on = hard_concrete.deterministic(layer.log_alpha) > 0
+        w = layer.params_per_gate
+        per_expert = per_expert + on.sum(dim=1).long() * w
+        union += int(on.any(dim=0).sum()) * w
+        total += layer.base.weight.numel()
+    return per_expert, union, total
+
+
+def orthogonality(layers: Iterable) -> torch.Tensor:
+    """Mean over expert pairs i < j of the parameter-weighted cosine of E[z_i] and E[z_j].
+
+    Zero when experts use disjoint parameters; one when they are identical.
+    """
+    gram = None
+    for layer in _layers(layers):
+        ez = hard_concrete.expected(layer.log_alpha)  # [M, in]
+        g = (ez * layer.params_per_gate) @ ez.T
+        gram = g if gram is None else gram + g
+    num_experts = gram.shape[0]
+    if num_experts < 2:
+        return gram.new_zeros(())
+    norms = gram.diagonal().clamp_min(1e-12).sqrt()
+    cosine = gram / (norms[:, None] * norms[None, :])
+    i, j = torch.triu_indices(num_experts, num_experts, offset=1, device=gram.device)
+    return cosine[i, j].mean()
+
+
+def target_density(step: int, warmup_steps: int, final_density: float) -> float:
+    """Target density t, warmed up linearly from 1.0 (dense) to ``final_density``."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return final_density
+    return 1.0 + (final_density - 1.0) * step / warmup_steps
+
+
+def _reverse_grad(grad: torch.Tensor) -> torch.Tensor:
+    return -grad
+
+
+class SparsityLagrangian(nn.Module):
+    """λ1 (d - t) + λ2 (d - t)², summed over constraints, with λ maximised.
+
+    The multipliers' gradients are negated by a hook, so any ordinary optimizer performing
+    descent on the total loss performs *ascent* on λ (CoFi pruning uses a negative lr instead,
+    which torch's optimizers reject). One pair of λ per expert (scope "expert") or one pair for
+    the union of experts (scope "union").
+    """
+
+    def __init__(self, num_constraints: int):
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.zeros(num_constraints))
+        self.lambda2 = nn.Parameter(torch.zeros(num_constraints))
+        for p in (self.lambda1, self.lambda2):
+            p.register_hook(_reverse_grad)
+
+    def forward(self, density: torch.Tensor, target: float) -> torch.Tensor:
+        gap = density.reshape(-1) - target
+        if gap.numel() != self.lambda1.numel():
+            raise ValueError(f"{gap.numel()} densities for {self.lambda1.numel()} constraints")
+        return (self.lambda1 * gap + self.lambda2 * gap.pow(2)).sum()

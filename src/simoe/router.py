@@ -1,0 +1,42 @@
+"""The prompt router: one per model, it maps a prompt to merging coefficients r(x) on the simplex.
+
+It reads a fixed-size summary of the *prompt* tokens only (never the response, never padding),
+is computed once per sequence and held fixed for every position, in training and generation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` [batch, seq, d] over the positions where ``mask`` [batch, seq] is 1."""
+    counts = mask.sum(dim=1)
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"example(s) {empty} of the batch have no prompt tokens to route on")
+    mask = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(dim=1) / counts.to(hidden.dtype).unsqueeze(-1)
+
+
+class Router(nn.Module):
+    """LayerNorm -> Linear -> GELU -> Linear(M), then softmax(logits / τ)."""
+
+    def __init__(self, input_size: int, num_experts: int, hidden_size: int, temperature: float):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(input_size),
+            nn.Linear(input_size, hidden_size),
+            nn.GELU(),
+            nn.Linear(hidden_size, num_experts),
+        )
+        # Small output weights: routing starts near uniform, so every expert gets gradient.
+        nn.init.normal_(self.net[-1].weight, std=0.01)
+        nn.init.zeros_(self.net[-1].bias)
+        # τ is state, not a hyper-parameter: annealed during training and saved with the model.
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.net(features.float())
+        return torch.softmax(logits / self.temperature, dim=-1)

@@ -60,8 +60,12 @@ class SIMoEConfig:
         default=0.5, metadata={"help": "Temperature τ_min reached at the end of annealing."}
     )
     mask_init_logit: float = field(
-        default=3.0,
-        metadata={"help": "Initial log α; 3.0 gives P(z≠0) ≈ 0.99, i.e. training starts dense."},
+        default=0.0,
+        metadata={
+            "help": "Initial log α (SMAT: 0, i.e. P(z≠0) ≈ 0.83, deterministic gate 0.5). Much "
+            "denser starts stall the union constraint: its gradient on expert m carries the "
+            "factor Π_{j≠m}(1 - p_j), which vanishes when every expert is nearly always on."
+        },
     )
     mask_init_std: float = field(
         default=0.1,

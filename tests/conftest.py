@@ -1,0 +1,74 @@
+"""Tiny random models, built offline from configs, one per supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+VOCAB = 96
+_COMMON = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2, max_position_embeddings=128, initializer_range=0.2,
+)
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**_COMMON),
+    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**_COMMON),
+    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=8),
+    "gemma2": lambda: Gemma2Config(**_COMMON, head_dim=8),
+    "gemma3": lambda: Gemma3TextConfig(**_COMMON, head_dim=8, sliding_window=16),
+    "phi3": lambda: Phi3Config(**_COMMON),
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                               bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2),
+    "gpt_neox": lambda: GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, initializer_range=0.2,
+    ),
+}
+ARCHS = sorted(CONFIGS)
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random causal LM of ``arch`` in fp32 and eval mode (same seed, same weights)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch](), attn_implementation="eager")
+    return model.float().eval()
+
+
+def randomize_experts(model, seed: int = 0) -> None:
+    """Give a SIMoE model non-trivial Δ, mask logits and router, so tests can tell things apart."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in model.simoe_layers():
+            layer.delta.copy_(0.3 * torch.randn(layer.delta.shape, generator=g))
+            layer.log_alpha.copy_(6 * torch.rand(layer.log_alpha.shape, generator=g) - 3)
+        for p in model.router.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+def train_without_dropout(model) -> None:
+    """Train mode (gates sampled) with the base model's dropout off, so outputs are comparable."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # some attention code reads .p under the parent's training flag

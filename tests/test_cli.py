@@ -1,0 +1,51 @@
+import dataclasses
+import json
+
+import pytest
+from conftest import tiny_model
+
+from simoe import SIMoEConfig
+from simoe.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    return str(path)
+
+
+def test_inspect_reports_targets_and_trainable_params(model_dir, capsys):
+    main(["inspect", model_dir, "--num_experts", "2", "--target_modules", "q_proj", "v_proj",
+          "--upcycle_norms", "false"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["upcycled_modules_by_name"] == {"q_proj": 2, "v_proj": 2}
+    assert report["config"]["num_experts"] == 2
+    # Δ has the base shapes: q is 32x32, v is 16x32 (2 kv heads of 8), in 2 layers
+    assert report["trainable_params"]["delta"] == 2 * (32 * 32 + 16 * 32)
+    assert report["trainable_params"]["mask_logits"] == 2 * 2 * (32 + 32)
+    assert report["sparsity"]["upcycled_params"] == report["trainable_params"]["delta"]
+
+
+def test_inspect_regex_target(model_dir, capsys):
+    main(["inspect", model_dir, "--target_modules", r".*\.mlp\..*", "--upcycle_norms", "false"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["upcycled_modules_by_name"] == {"down_proj": 2, "gate_proj": 2, "up_proj": 2}
+
+
+def test_inspect_bad_input_is_a_clear_error(model_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", model_dir, "--target_modules", "qq_proj"])
+    assert e.value.code == 2
+    assert "['qq_proj'] match no Linear" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["inspect", model_dir, "--target_sparsity", "1.2"])
+    assert "target_sparsity must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["inspect", "--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(SIMoEConfig):
+        assert f"--{f.name}" in text

@@ -1,0 +1,91 @@
+"""The efficient forward W0 x + Δ(m ⊙ x) equals materialising W0 + Δ·diag(m_b) per example."""
+
+import torch
+from conftest import VOCAB, randomize_experts, tiny_model
+from torch import nn
+from torch.func import functional_call
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.pytorch_utils import Conv1D
+
+from simoe import SIMoEConfig, SIMoELinear, SIMoENorm, hard_concrete, upcycle
+
+M, B, T = 5, 4, 7
+
+
+def _routing(batch=B, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(3 * torch.randn(batch, M, generator=g), dim=-1)
+
+
+def _randomize(layer, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.delta.copy_(torch.randn(layer.delta.shape, generator=g))
+        layer.log_alpha.copy_(6 * torch.rand(layer.log_alpha.shape, generator=g) - 3)
+        if isinstance(layer.base, (nn.LayerNorm, Gemma3RMSNorm, LlamaRMSNorm)):
+            layer.base.weight.copy_(torch.randn(layer.base.weight.shape, generator=g))
+
+
+def _merged_weight(layer, mix_b):
+    """W0 + Δ·diag(m_b): gates scale Δ's input columns (rows of a Conv1D weight)."""
+    w0, delta = layer.base.weight, layer.delta
+    if isinstance(layer.base, Conv1D):
+        return w0 + mix_b[:, None] * delta
+    if w0.dim() == 2:
+        return w0 + delta * mix_b[None, :]
+    return w0 + mix_b * delta
+
+
+def _check_layer(layer, x, train):
+    _randomize(layer)
+    layer.train(train)
+    r = _routing()
+    torch.manual_seed(3)
+    z = layer.gates()
+    assert (z == 0).any() and (z == 1).any() and ((z > 0) & (z < 1)).any()
+    layer.mix = r @ z
+    y = layer(x)
+    for b in range(B):
+        w = _merged_weight(layer, layer.mix[b])
+        ref = functional_call(layer.base, {"weight": w}, (x[b : b + 1],))
+        assert (y[b : b + 1] - ref).abs().max() <= 1e-5
+
+
+def test_linear_with_bias():
+    for train in (False, True):
+        _check_layer(SIMoELinear(nn.Linear(12, 9), M, 3.0, 0.1), torch.randn(B, T, 12), train)
+
+
+def test_gpt2_conv1d():
+    _check_layer(SIMoELinear(Conv1D(9, 12), M, 3.0, 0.1), torch.randn(B, T, 12), True)
+
+
+def test_norms_layernorm_rmsnorm_and_gemma_offset_rmsnorm():
+    for norm in (nn.LayerNorm(10), LlamaRMSNorm(10), Gemma3RMSNorm(10)):
+        _check_layer(SIMoENorm(norm, M, 3.0, 0.1), torch.randn(B, T, 10), True)
+    # q/k norms see [batch, seq, heads, head_dim]
+    _check_layer(SIMoENorm(LlamaRMSNorm(6), M, 3.0, 0.1), torch.randn(B, T, 3, 6), False)
+
+
+def test_whole_model_equals_per_example_materialised_weights():
+    """Batched SIMoE logits == the frozen base run one example at a time on merged weights."""
+    for arch in ("llama", "gpt2", "gemma3"):
+        model = upcycle(tiny_model(arch), SIMoEConfig(num_experts=M))
+        randomize_experts(model)
+        model.eval()
+        ids = torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(0))
+        r = _routing()
+        with torch.no_grad():
+            logits = model(input_ids=ids, routing=r).logits
+            layers = dict(model.simoe_layers())
+            for layer in layers.values():
+                assert torch.allclose(layer.mix, r @ hard_concrete.deterministic(layer.log_alpha))
+            for b in range(B):
+                weights = {
+                    f"{name}.base.weight": _merged_weight(layer, layer.mix[b])
+                    for name, layer in layers.items()
+                }
+                with model.bypass():
+                    ref = functional_call(model.base_model, weights, (), {"input_ids": ids[b : b + 1]})
+                assert (logits[b : b + 1] - ref.logits).abs().max() <= 1e-5, arch

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+from conftest import VOCAB, randomize_experts, tiny_model
+from safetensors.torch import load_file
+
+from simoe import SIMoEConfig, SIMoEModel, upcycle
+from simoe.config import CONFIG_NAME, WEIGHTS_NAME
+
+
+def _trained(arch="qwen2", **kw):
+    model = upcycle(tiny_model(arch), SIMoEConfig(num_experts=3, **kw))
+    randomize_experts(model)
+    model.set_router_temperature(0.7)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2", "gemma2"])
+def test_save_then_reload_gives_identical_logits(tmp_path, arch):
+    targets = ["c_attn"] if arch == "gpt2" else ["q_proj", "down_proj"]
+    model = _trained(arch, router_input="hidden-mean", target_modules=targets)
+    ids = torch.randint(3, VOCAB, (2, 9))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+
+    saved = load_file(tmp_path / WEIGHTS_NAME)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {f"router.{k}" for k in model.router.state_dict()} <= set(saved)
+    assert {k for k in saved if k != "router.temperature"} == {
+        n.removeprefix("base_model.") for n in trainable
+    }  # only the trainable tensors (+ the router's temperature): no base weight
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["num_experts"] == 3
+
+    reloaded = SIMoEModel.from_pretrained(tiny_model(arch), tmp_path).eval()
+    assert reloaded.router.temperature.item() == pytest.approx(0.7)
+    with torch.no_grad():
+        after = reloaded(input_ids=ids).logits
+    assert torch.equal(before, after)
+
+
+def test_reload_onto_another_base_is_refused(tmp_path):
+    _trained("qwen2").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        SIMoEModel.from_pretrained(tiny_model("gpt2"), tmp_path)
+
+
+def test_bad_config_file_names_file_and_field(tmp_path):
+    _trained().save_pretrained(tmp_path)
+    path = tmp_path / CONFIG_NAME
+    data = json.loads(path.read_text())
+    data["num_expert"] = 2
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"simoe_config.json: unknown field\(s\) \['num_expert'\]"):
+        SIMoEModel.from_pretrained(tiny_model("qwen2"), tmp_path)
+    path.write_text("{\n  \"num_experts\": 3,\n  oops\n}")
+    with pytest.raises(ValueError, match="simoe_config.json: invalid JSON at line 3"):
+        SIMoEModel.from_pretrained(tiny_model("qwen2"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="simoe_config.json"):
+        SIMoEModel.from_pretrained(tiny_model("qwen2"), tmp_path / "missing")
+
+
+def test_config_records_base_model_path(tmp_path):
+    base = tiny_model("llama")
+    base.save_pretrained(tmp_path / "base")
+    from transformers import AutoModelForCausalLM
+
+    model = upcycle(AutoModelForCausalLM.from_pretrained(tmp_path / "base"))
+    assert model.simoe_config.base_model_name_or_path == str(tmp_path / "base")

@@ -1,0 +1,84 @@
+"""The router reads prompt tokens only: never the response, never padding."""
+
+import pytest
+import torch
+from conftest import VOCAB, randomize_experts, tiny_model
+
+from simoe import SIMoEConfig, upcycle
+from simoe.router import masked_mean
+
+PROMPT, RESPONSE, PAD = 6, 4, 3
+
+
+def _model(arch, router_input):
+    model = upcycle(tiny_model(arch), SIMoEConfig(num_experts=4, router_input=router_input))
+    randomize_experts(model)
+    return model.eval()
+
+
+def _pad(rows, side):
+    """Pad token-id rows to one length on the given side; returns ids and attention mask."""
+    length = max(len(r) for r in rows) + PAD
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        sl = slice(length - len(row), length) if side == "left" else slice(0, len(row))
+        ids[i, sl] = torch.tensor(row)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("router_input", ["embedding-mean", "hidden-mean"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3", "qwen3"])
+def test_routing_reads_prompt_tokens_only(arch, router_input):
+    model = _model(arch, router_input)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (PROMPT, PROMPT - 2)]
+    responses = [torch.randint(3, VOCAB, (RESPONSE,), generator=g).tolist() for _ in prompts]
+    other = [torch.randint(3, VOCAB, (RESPONSE + 2,), generator=g).tolist() for _ in prompts]
+
+    def route(resp, side):
+        ids, mask = _pad([p + r for p, r in zip(prompts, resp, strict=True)], side)
+        prompt_mask = torch.zeros_like(ids)
+        for i, (p, r) in enumerate(zip(prompts, resp, strict=True)):
+            start = (ids.shape[1] - len(p) - len(r)) if side == "left" else 0
+            prompt_mask[i, start : start + len(p)] = 1
+        ids[mask == 0] = 5  # padding content must not matter either
+        return model.route(ids, mask, prompt_mask)
+
+    r = route(responses, "right")
+    assert r.shape == (2, 4)
+    assert torch.allclose(r.sum(-1), torch.ones(2))
+    assert not torch.allclose(r[0], r[1], atol=1e-3)  # the router does read the prompt
+    assert torch.allclose(route(other, "right"), r, atol=1e-6)  # other responses
+    assert torch.allclose(route(responses, "left"), r, atol=1e-6)  # other padding side
+    # with no prompt_mask, every attended token is prompt (generation)
+    ids, mask = _pad(prompts, "left")
+    assert torch.allclose(model.route(ids, mask), r, atol=1e-6)
+
+
+def test_routing_is_held_for_every_position_and_can_be_overridden():
+    model = _model("llama", "embedding-mean")
+    ids = torch.randint(3, VOCAB, (2, 8))
+    expert0 = torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0]])
+    with torch.no_grad():
+        a = model(input_ids=ids, routing=expert0).logits
+        for _, layer in model.simoe_layers():  # m = z_0 for every example under that routing
+            assert torch.equal(layer.mix[0], layer.mix[1])
+            assert torch.equal(layer.mix[0], layer.gates()[0])
+        b = model(input_ids=ids).logits
+    assert not torch.allclose(a, b)
+
+
+def test_temperature_sharpens_routing():
+    model = _model("llama", "embedding-mean")
+    ids = torch.randint(3, VOCAB, (3, 8))
+    soft = model.route(ids)
+    model.set_router_temperature(0.05)
+    sharp = model.route(ids)
+    assert (sharp.max(-1).values > soft.max(-1).values).all()
+
+
+def test_empty_prompt_is_an_error():
+    with pytest.raises(ValueError, match=r"example\(s\) \[1\]"):
+        masked_mean(torch.randn(2, 3, 4), torch.tensor([[1, 1, 0], [0, 0, 0]]))

@@ -64,7 +64,7 @@ def main() -> None:
     print(f"upcycled {sum(1 for _ in model.simoe_layers())} modules; before training exact match:",
           {t: exact_match(model, t) for t in TASKS})
 
-    lagrangian = objectives.SparsityLagrangian(1)
+    lagrangian = objectives.SparsityLagrangian.for_config(config)
     groups = model.parameter_groups()
     optimizer = torch.optim.AdamW([
         {"params": groups["delta"], "lr": 3e-3},
@@ -85,14 +85,15 @@ def main() -> None:
         target = objectives.target_density(step, warmup, config.target_density)
         batch = make_batch([list(TASKS)[i % 2] for i in range(16)], g)
         nll = model(**batch).loss
-        _, union = objectives.expected_density(layers)
+        density = objectives.constrained_density(layers, config.sparsity_scope)
         orth = objectives.orthogonality(layers)
-        loss = nll + lagrangian(union, target) + config.orthogonality_weight * orth
+        loss = nll + lagrangian(density, target) + config.orthogonality_weight * orth
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         model.clamp_mask_logits_()
-        bar.set_postfix(nll=f"{nll.item():.3f}", density=f"{union.item():.3f}", target=f"{target:.2f}")
+        bar.set_postfix(nll=f"{nll.item():.3f}", density=f"{density.max().item():.3f}",
+                        target=f"{target:.2f}")
 
     model.eval()
     print("after training exact match:", {t: exact_match(model, t) for t in TASKS})

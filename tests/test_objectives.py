@@ -77,16 +77,15 @@ def test_lagrangian_alone_reaches_target_density(scope):
     config = SIMoEConfig(num_experts=4, target_sparsity=0.75, sparsity_scope=scope)
     model = upcycle(tiny_model("llama"), config)
     layers = list(model.simoe_layers())
-    lag = objectives.SparsityLagrangian(1 if scope == "union" else 4)
+    lag = objectives.SparsityLagrangian.for_config(config)
     opt = torch.optim.Adam([
         {"params": model.parameter_groups()["mask_logits"], "lr": 0.05},
         {"params": lag.parameters(), "lr": 0.05},
     ])
     warmup, steps = 100, 400
     for step in range(steps):
-        expert, union = objectives.expected_density(layers)
         t = objectives.target_density(step, warmup, config.target_density)
-        loss = lag(union if scope == "union" else expert, t)
+        loss = lag(objectives.constrained_density(layers, config.sparsity_scope), t)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from simoe import hard_concrete
+from simoe.config import SIMoEConfig
 from simoe.layer import SIMoELayer
 
 
@@ -35,6 +36,12 @@ def expected_density(layers: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
         union = union + (1.0 - torch.prod(1.0 - p, dim=0)).sum() * w
         total += layer.base.weight.numel()
     return per_expert / total, union / total
+
+
+def constrained_density(layers: Iterable, scope: str) -> torch.Tensor:
+    """The densities the Lagrangian constrains: [1] for scope "union", [M] for "expert"."""
+    expert, union = expected_density(layers)
+    return union.reshape(1) if scope == "union" else expert
 
 
 @torch.no_grad()
@@ -95,6 +102,10 @@ class SparsityLagrangian(nn.Module):
         self.lambda2 = nn.Parameter(torch.zeros(num_constraints))
         for p in (self.lambda1, self.lambda2):
             p.register_hook(_reverse_grad)
+
+    @classmethod
+    def for_config(cls, config: SIMoEConfig) -> SparsityLagrangian:
+        return cls(1 if config.sparsity_scope == "union" else config.num_experts)
 
     def forward(self, density: torch.Tensor, target: float) -> torch.Tensor:
         gap = density.reshape(-1) - target

@@ -1,0 +1,205 @@
+"""Wall time of SIMoE against full fine-tuning and PEFT LoRA, on CPU in fp32.
+
+(a) forward + backward of one linear layer, (b) one training step (forward, backward, AdamW) of a
+tiny Llama built from a config. Prints markdown tables: median time over repeats after warm-up,
+ratios to full fine-tuning and to LoRA, and trainable parameter counts.
+
+    python benchmarks/bench_forward_backward.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from simoe import SIMoEConfig, objectives, upcycle
+from simoe.layer import SIMoELinear
+
+LORA_RANK = 16
+QUICK = dict(warmup=2, repeats=10, model_repeats=5, d_in=512, d_out=512, batch=4, seq=128,
+             hidden=128, intermediate=344, layers=2, model_batch=4, model_seq=64)
+
+
+class OneLinear(nn.Module):
+    """A module holding one linear layer, for peft to wrap."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def num_params(params: Iterable[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def time_steps(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call; variants are interleaved so that drift hits all of them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def print_table(title: str, times: dict[str, list[float]], counts: dict[str, int]) -> None:
+    median = {name: statistics.median(t) for name, t in times.items()}
+    full, lora = median["full FT"], median["LoRA r=16"]
+    print(f"\n{title}\n")
+    print("| variant | trainable params | median ms | min ms | vs full FT | vs LoRA |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, t in median.items():
+        print(f"| {name} | {counts[name]:,} | {t * 1e3:.1f} | {min(times[name]) * 1e3:.1f} "
+              f"| {t / full:.2f}x | {t / lora:.2f}x |")
+
+
+def bench_layer(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    batch, seq, d_in, d_out, m = args.batch, args.seq, args.d_in, args.d_out, args.experts
+    base = nn.Linear(d_in, d_out)
+    x = torch.randn(batch, seq, d_in, requires_grad=True)
+    grad_out = torch.randn(batch, seq, d_out)
+
+    full = copy.deepcopy(base)
+    lora = get_peft_model(OneLinear(copy.deepcopy(base)),
+                          LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["linear"]))
+    simoe = SIMoELinear(copy.deepcopy(base).requires_grad_(False), m, init_logit=3.0, init_std=0.1)
+    with torch.no_grad():
+        simoe.delta.normal_(std=0.02)  # as after some training: every gradient path is non-zero
+    router_logits = torch.randn(batch, m, requires_grad=True)  # stands in for the router's output
+
+    def run(module: nn.Module, extra: tuple[torch.Tensor, ...] = ()) -> Callable[[], None]:
+        tensors = [x, *trainable(module), *extra]
+
+        def step() -> None:
+            for t in tensors:
+                t.grad = None
+            if module is simoe:
+                simoe.mix = torch.softmax(router_logits, dim=-1) @ simoe.gates()  # [batch, in]
+            module(x).backward(grad_out)
+
+        return step
+
+    steps = {"full FT": run(full), "LoRA r=16": run(lora), f"SIMoE M={m}": run(simoe, (router_logits,))}
+    times = time_steps(steps, args.warmup, args.repeats)
+    counts = {"full FT": num_params(trainable(full)), "LoRA r=16": num_params(trainable(lora)),
+              f"SIMoE M={m}": num_params(trainable(simoe))}
+    print_table(f"### (a) one linear layer {d_in} -> {d_out}, x [{batch}, {seq}, {d_in}]: "
+                "forward + backward", times, counts)
+
+
+def tiny_llama(args: argparse.Namespace) -> nn.Module:
+    torch.manual_seed(0)  # the same base weights for every variant
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=max(args.model_seq, 128), pad_token_id=0,
+    )
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def bench_model(args: argparse.Namespace) -> None:
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, args.vocab, (args.model_batch, args.model_seq), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids}
+    steps: dict[str, Callable[[], None]] = {}
+    counts: dict[str, int] = {}
+
+    def add(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+            loss_fn: Callable[[], torch.Tensor], after: Callable[[], None] = lambda: None) -> None:
+        model.train()
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn().backward()
+            optimizer.step()
+            after()
+
+        steps[name] = step
+        counts[name] = sum(num_params(g["params"]) for g in optimizer.param_groups)
+
+    full = tiny_llama(args)
+    base_params = num_params(full.parameters())
+    add("full FT", full, torch.optim.AdamW(full.parameters(), lr=1e-4), lambda: full(**batch).loss)
+
+    lora = get_peft_model(tiny_llama(args), LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK,
+                                                       target_modules="all-linear", task_type="CAUSAL_LM"))
+    add("LoRA r=16", lora, torch.optim.AdamW(trainable(lora), lr=1e-4), lambda: lora(**batch).loss)
+
+    config = SIMoEConfig(num_experts=args.experts)
+    simoe = upcycle(tiny_llama(args), config)
+    lagrangian = objectives.SparsityLagrangian.for_config(config)
+    groups = simoe.parameter_groups()
+    optimizer = torch.optim.AdamW(
+        [{"params": groups["delta"], "lr": 1e-4}, {"params": groups["mask_logits"], "lr": 1e-2},
+         {"params": groups["router"], "lr": 1e-3}, {"params": list(lagrangian.parameters()), "lr": 1e-2}]
+    )
+
+    def simoe_loss() -> torch.Tensor:
+        nll = simoe(**batch).loss
+        density = objectives.constrained_density(simoe.simoe_layers(), config.sparsity_scope)
+        orth = objectives.orthogonality(simoe.simoe_layers())
+        return nll + lagrangian(density, target=config.target_density) + config.orthogonality_weight * orth
+
+    add(f"SIMoE M={args.experts}", simoe, optimizer, simoe_loss, simoe.clamp_mask_logits_)
+
+    times = time_steps(steps, args.warmup, args.model_repeats)
+    print_table(
+        f"### (b) tiny Llama ({base_params:,} params: hidden {args.hidden}, {args.layers} layers, "
+        f"vocab {args.vocab}), batch [{args.model_batch}, {args.model_seq}]: forward + backward + AdamW",
+        times, counts,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (< 1 min)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=30, help="timed repeats of (a)")
+    parser.add_argument("--model-repeats", type=int, default=20, help="timed repeats of (b)")
+    parser.add_argument("--d-in", type=int, default=1024)
+    parser.add_argument("--d-out", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--intermediate", type=int, default=688)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--model-batch", type=int, default=8)
+    parser.add_argument("--model-seq", type=int, default=128)
+    if parser.parse_known_args()[0].quick:  # smaller defaults; explicit flags still win
+        parser.set_defaults(**QUICK)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU; "
+          f"median of {args.repeats} (a) / {args.model_repeats} (b) repeats after {args.warmup} warm-up")
+    bench_layer(args)
+    bench_model(args)
+
+
+if __name__ == "__main__":
+    main()

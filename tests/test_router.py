@@ -10,8 +10,8 @@ from simoe.router import masked_mean
 PROMPT, RESPONSE, PAD = 6, 4, 3
 
 
-def _model(arch, router_input):
-    model = upcycle(tiny_model(arch), SIMoEConfig(num_experts=4, router_input=router_input))
+def _model(arch, router_input, **kw):
+    model = upcycle(tiny_model(arch), SIMoEConfig(num_experts=4, router_input=router_input, **kw))
     randomize_experts(model)
     return model.eval()
 
@@ -82,3 +82,25 @@ def test_temperature_sharpens_routing():
 def test_empty_prompt_is_an_error():
     with pytest.raises(ValueError, match=r"example\(s\) \[1\]"):
         masked_mean(torch.randn(2, 3, 4), torch.tensor([[1, 1, 0], [0, 0, 0]]))
+
+
+def test_hidden_mean_is_a_partial_forward_of_the_base(arch):
+    """The router's layer runs under the base weights; no later layer and no lm_head runs."""
+    model = _model(arch, "hidden-mean", router_hidden_layer=0)
+    decoder_layers = next(m for m in model.base_model.modules() if isinstance(m, torch.nn.ModuleList))
+    assert model._router_layer is decoder_layers[0]
+    calls = []
+    hook = decoder_layers[-1].register_forward_hook(lambda *a: calls.append(1))
+    ids = torch.randint(3, VOCAB, (2, 6))
+    with torch.no_grad():
+        r = model.route(ids)
+        captured = {}
+        grab = model._router_layer.register_forward_hook(
+            lambda m, a, out: captured.setdefault("h", out[0] if isinstance(out, tuple) else out))
+        with model.bypass():
+            model.base_model(input_ids=ids)
+        grab.remove()
+    hook.remove()
+    assert len(calls) == 1  # only the reference forward reached the last layer
+    expected = model.router(captured["h"].float().mean(dim=1))
+    assert torch.allclose(r, expected, atol=1e-6)

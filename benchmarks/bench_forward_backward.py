@@ -61,15 +61,33 @@ def time_steps(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) 
     return times
 
 
-def print_table(title: str, times: dict[str, list[float]], counts: dict[str, int]) -> None:
+def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the distinct non-parameter tensors autograd keeps for backward (deterministic)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not (t.is_leaf and t.requires_grad) and not isinstance(t, nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    loss.backward()
+    return sum(storages.values())
+
+
+def print_table(title: str, times: dict[str, list[float]], counts: dict[str, int],
+                saved: dict[str, int] | None = None) -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
     full, lora = median["full FT"], median["LoRA r=16"]
+    extra = " saved activations MiB |" if saved else ""
     print(f"\n{title}\n")
-    print("| variant | trainable params | median ms | min ms | vs full FT | vs LoRA |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| variant | trainable params | median ms | min ms | vs full FT | vs LoRA |{extra}")
+    print("|---|---:|---:|---:|---:|---:|" + ("---:|" if saved else ""))
     for name, t in median.items():
+        cell = f" {saved[name] / 2**20:.1f} |" if saved else ""
         print(f"| {name} | {counts[name]:,} | {t * 1e3:.1f} | {min(times[name]) * 1e3:.1f} "
-              f"| {t / full:.2f}x | {t / lora:.2f}x |")
+              f"| {t / full:.2f}x | {t / lora:.2f}x |{cell}")
 
 
 def bench_layer(args: argparse.Namespace) -> None:
@@ -124,6 +142,7 @@ def bench_model(args: argparse.Namespace) -> None:
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids}
     steps: dict[str, Callable[[], None]] = {}
     counts: dict[str, int] = {}
+    losses: dict[str, Callable[[], torch.Tensor]] = {}
 
     def add(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
             loss_fn: Callable[[], torch.Tensor], after: Callable[[], None] = lambda: None) -> None:
@@ -136,6 +155,7 @@ def bench_model(args: argparse.Namespace) -> None:
             after()
 
         steps[name] = step
+        losses[name] = loss_fn
         counts[name] = sum(num_params(g["params"]) for g in optimizer.param_groups)
 
     full = tiny_llama(args)
@@ -164,10 +184,11 @@ def bench_model(args: argparse.Namespace) -> None:
     add(f"SIMoE M={args.experts}", simoe, optimizer, simoe_loss, simoe.clamp_mask_logits_)
 
     times = time_steps(steps, args.warmup, args.model_repeats)
+    saved = {name: saved_activation_bytes(loss_fn) for name, loss_fn in losses.items()}
     print_table(
         f"### (b) tiny Llama ({base_params:,} params: hidden {args.hidden}, {args.layers} layers, "
         f"vocab {args.vocab}), batch [{args.model_batch}, {args.model_seq}]: forward + backward + AdamW",
-        times, counts,
+        times, counts, saved,
     )
 
 

@@ -90,6 +90,14 @@ def print_table(title: str, times: dict[str, list[float]], counts: dict[str, int
               f"| {t / full:.2f}x | {t / lora:.2f}x |{cell}")
 
 
+@torch.no_grad()
+def switch_off_columns(layer: SIMoELinear, fraction: float, seed: int = 0) -> None:
+    """Gate a random ``fraction`` of input columns off in every expert: a trained model's state."""
+    g = torch.Generator().manual_seed(seed)
+    off = torch.randperm(layer.in_features, generator=g)[: round(fraction * layer.in_features)]
+    layer.log_alpha[:, off] = -10.0
+
+
 def bench_layer(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     batch, seq, d_in, d_out, m = args.batch, args.seq, args.d_in, args.d_out, args.experts
@@ -100,9 +108,12 @@ def bench_layer(args: argparse.Namespace) -> None:
     full = copy.deepcopy(base)
     lora = get_peft_model(OneLinear(copy.deepcopy(base)),
                           LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["linear"]))
-    simoe = SIMoELinear(copy.deepcopy(base).requires_grad_(False), m, init_logit=3.0, init_std=0.1)
+    dense = SIMoELinear(copy.deepcopy(base).requires_grad_(False), m, init_logit=3.0, init_std=0.1)
+    sparse = copy.deepcopy(dense)
     with torch.no_grad():
-        simoe.delta.normal_(std=0.02)  # as after some training: every gradient path is non-zero
+        dense.delta.normal_(std=0.02)  # as after some training: every gradient path is non-zero
+        sparse.delta.copy_(dense.delta)
+        switch_off_columns(sparse, 1.0 - args.density)
     router_logits = torch.randn(batch, m, requires_grad=True)  # stands in for the router's output
 
     def run(module: nn.Module, extra: tuple[torch.Tensor, ...] = ()) -> Callable[[], None]:
@@ -111,16 +122,18 @@ def bench_layer(args: argparse.Namespace) -> None:
         def step() -> None:
             for t in tensors:
                 t.grad = None
-            if module is simoe:
-                simoe.mix = torch.softmax(router_logits, dim=-1) @ simoe.gates()  # [batch, in]
+            if isinstance(module, SIMoELinear):
+                module.set_routing(torch.softmax(router_logits, dim=-1))  # samples the gates
             module(x).backward(grad_out)
 
         return step
 
-    steps = {"full FT": run(full), "LoRA r=16": run(lora), f"SIMoE M={m}": run(simoe, (router_logits,))}
+    names = {"full FT": full, "LoRA r=16": lora, f"SIMoE M={m}": dense,
+             f"SIMoE M={m}, {args.density:.0%} dense": sparse}
+    steps = {name: run(module, (router_logits,) if isinstance(module, SIMoELinear) else ())
+             for name, module in names.items()}
     times = time_steps(steps, args.warmup, args.repeats)
-    counts = {"full FT": num_params(trainable(full)), "LoRA r=16": num_params(trainable(lora)),
-              f"SIMoE M={m}": num_params(trainable(simoe))}
+    counts = {name: num_params(trainable(module)) for name, module in names.items()}
     print_table(f"### (a) one linear layer {d_in} -> {d_out}, x [{batch}, {seq}, {d_in}]: "
                 "forward + backward", times, counts)
 
@@ -166,22 +179,30 @@ def bench_model(args: argparse.Namespace) -> None:
                                                        target_modules="all-linear", task_type="CAUSAL_LM"))
     add("LoRA r=16", lora, torch.optim.AdamW(trainable(lora), lr=1e-4), lambda: lora(**batch).loss)
 
-    config = SIMoEConfig(num_experts=args.experts)
-    simoe = upcycle(tiny_llama(args), config)
-    lagrangian = objectives.SparsityLagrangian.for_config(config)
-    groups = simoe.parameter_groups()
-    optimizer = torch.optim.AdamW(
-        [{"params": groups["delta"], "lr": 1e-4}, {"params": groups["mask_logits"], "lr": 1e-2},
-         {"params": groups["router"], "lr": 1e-3}, {"params": list(lagrangian.parameters()), "lr": 1e-2}]
-    )
+    for density in (1.0, args.density):
+        config = SIMoEConfig(num_experts=args.experts)
+        simoe = upcycle(tiny_llama(args), config)
+        if density < 1.0:
+            for _, layer in simoe.simoe_layers():
+                if isinstance(layer, SIMoELinear):
+                    switch_off_columns(layer, 1.0 - density)
+        lagrangian = objectives.SparsityLagrangian.for_config(config)
+        groups = simoe.parameter_groups()
+        optimizer = torch.optim.AdamW(
+            [{"params": groups["delta"], "lr": 1e-4}, {"params": groups["mask_logits"], "lr": 1e-2},
+             {"params": groups["router"], "lr": 1e-3},
+             {"params": list(lagrangian.parameters()), "lr": 1e-2}]
+        )
 
-    def simoe_loss() -> torch.Tensor:
-        nll = simoe(**batch).loss
-        density = objectives.constrained_density(simoe.simoe_layers(), config.sparsity_scope)
-        orth = objectives.orthogonality(simoe.simoe_layers())
-        return nll + lagrangian(density, target=config.target_density) + config.orthogonality_weight * orth
+        def simoe_loss(simoe=simoe, config=config, lagrangian=lagrangian) -> torch.Tensor:
+            nll = simoe(**batch).loss
+            density = objectives.constrained_density(simoe.simoe_layers(), config.sparsity_scope)
+            orth = objectives.orthogonality(simoe.simoe_layers())
+            return (nll + lagrangian(density, target=config.target_density)
+                    + config.orthogonality_weight * orth)
 
-    add(f"SIMoE M={args.experts}", simoe, optimizer, simoe_loss, simoe.clamp_mask_logits_)
+        name = f"SIMoE M={args.experts}" + ("" if density == 1.0 else f", {density:.0%} dense")
+        add(name, simoe, optimizer, simoe_loss, simoe.clamp_mask_logits_)
 
     times = time_steps(steps, args.warmup, args.model_repeats)
     saved = {name: saved_activation_bytes(loss_fn) for name, loss_fn in losses.items()}
@@ -197,6 +218,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (< 1 min)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--density", type=float, default=0.25,
+                        help="share of input columns left on in every expert for the sparse SIMoE rows")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=30, help="timed repeats of (a)")
     parser.add_argument("--model-repeats", type=int, default=20, help="timed repeats of (b)")

@@ -57,6 +57,7 @@ def randomize_experts(model, seed: int = 0) -> None:
         for _, layer in model.simoe_layers():
             layer.delta.copy_(0.3 * torch.randn(layer.delta.shape, generator=g))
             layer.log_alpha.copy_(6 * torch.rand(layer.log_alpha.shape, generator=g) - 3)
+            layer.log_alpha[:, : layer.in_features // 4] = -10.0  # off in every expert: skipped
         for p in model.router.parameters():
             p.copy_(0.2 * torch.randn(p.shape, generator=g))
 

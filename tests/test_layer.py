@@ -9,6 +9,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.pytorch_utils import Conv1D
 
 from simoe import SIMoEConfig, SIMoELinear, SIMoENorm, hard_concrete, upcycle
+from simoe.layer import _MaskedDelta
 
 M, B, T = 5, 4, 7
 
@@ -44,7 +45,7 @@ def _check_layer(layer, x, train):
     torch.manual_seed(3)
     z = layer.gates()
     assert (z == 0).any() and (z == 1).any() and ((z > 0) & (z < 1)).any()
-    layer.mix = r @ z
+    layer.set_routing(r, z)
     y = layer(x)
     for b in range(B):
         w = _merged_weight(layer, layer.mix[b])
@@ -92,13 +93,47 @@ def test_whole_model_equals_per_example_materialised_weights():
 
 
 def test_masked_delta_gradients_equal_autograd_reference():
-    """The memory-saving backward of Δ(m ⊙ x) is exact: gradcheck in float64, both layouts."""
-    from simoe.layer import _MaskedDelta
-
+    """The custom backward of Δ(m ⊙ x) is exact: gradcheck in float64, both weight layouts."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 2, 5, dtype=torch.float64, generator=g, requires_grad=True)
     mix = torch.rand(3, 1, 1, 5, dtype=torch.float64, generator=g, requires_grad=True)
     for conv1d, shape in ((False, (6, 5)), (True, (5, 6))):
         delta = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x, m, d: _MaskedDelta.apply(x, m, d, conv1d),  # noqa: B023
-                                        (x, mix, delta))
+        assert torch.autograd.gradcheck(
+            lambda x, m, d: _MaskedDelta.apply(x, m, d, None, conv1d), (x, mix, delta)  # noqa: B023
+        )
+
+
+def test_active_columns_path_equals_dense_path():
+    """Skipping the columns gated off in every expert changes nothing but the work done."""
+    g = torch.Generator().manual_seed(0)
+    active = torch.tensor([0, 2, 3, 6])
+    for conv1d, shape in ((False, (5, 8)), (True, (8, 5))):
+        x = torch.randn(3, 4, 8, generator=g, requires_grad=True)
+        mix = torch.rand(3, 1, 8, generator=g)
+        mix[..., [1, 4, 5, 7]] = 0  # what r @ z gives where every expert's gate is 0
+        mix.requires_grad_(True)
+        delta = torch.randn(*shape, generator=g, requires_grad=True)
+        grad_out = torch.randn(3, 4, 5, generator=g)
+        results = []
+        for cols in (None, active):
+            y = _MaskedDelta.apply(x, mix, delta, cols, conv1d)
+            results.append((y, *torch.autograd.grad(y, (x, mix, delta), grad_out)))
+        (y0, gx0, gm0, gd0), (y1, gx1, gm1, gd1) = results
+        assert torch.allclose(y0, y1, atol=1e-6) and torch.allclose(gx0, gx1, atol=1e-6)
+        assert torch.allclose(gd0, gd1, atol=1e-6)
+        assert torch.allclose(gm0[..., active], gm1[..., active], atol=1e-6)
+        assert (gm1[..., [1, 4, 5, 7]] == 0).all()
+
+
+def test_layer_skips_columns_gated_off_in_every_expert():
+    layer = SIMoELinear(nn.Linear(12, 9), M, 0.0, 0.0)
+    with torch.no_grad():
+        layer.log_alpha[:, :4] = -10.0  # deterministic gate 0 for every expert
+    layer.eval()
+    layer.set_routing(_routing())
+    assert layer.active.tolist() == list(range(4, 12))
+    with torch.no_grad():
+        layer.log_alpha.fill_(0.0)
+    layer.set_routing(_routing())
+    assert layer.active is None  # all columns active: the dense path

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from conftest import VOCAB, randomize_experts, tiny_model, train_without_dropout
@@ -111,3 +113,13 @@ def test_train_mode_samples_gates_and_eval_is_deterministic():
 
 def test_type_of_model_returned():
     assert isinstance(upcycle(tiny_model("qwen2")), SIMoEModel)
+
+
+def test_unreachable_sparsity_target_is_refused():
+    # SMAT's bound ln 0.01 keeps P(z != 0) >= 0.047, so 8 experts' union stays above 32 %
+    with pytest.raises(ValueError, match=r"target density 0.250 is unreachable.*0.320"):
+        SIMoEConfig(num_experts=8, target_sparsity=0.75, mask_logit_min=math.log(0.01))
+    assert SIMoEConfig(num_experts=8, target_sparsity=0.75).density_floor < 0.01
+    # per expert, the same bound is fine
+    SIMoEConfig(num_experts=8, target_sparsity=0.75, mask_logit_min=math.log(0.01),
+                sparsity_scope="expert")

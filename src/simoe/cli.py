@@ -26,7 +26,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--field`` per SIMoEConfig field, documented by the field's help text."""
     group = parser.add_argument_group("SIMoE options (SIMoEConfig)")
     for f in dataclasses.fields(SIMoEConfig):
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})".replace("%", "%%")
         if f.name == "target_modules":
             group.add_argument("--target_modules", nargs="+", default=None, help=help_text)
         elif f.type in ("bool", bool):

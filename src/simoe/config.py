@@ -8,6 +8,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from simoe.hard_concrete import BETA, GAMMA, ZETA
+
 CONFIG_NAME = "simoe_config.json"
 WEIGHTS_NAME = "simoe_model.safetensors"
 
@@ -72,7 +74,11 @@ class SIMoEConfig:
         metadata={"help": "Std of the noise added to the initial log α, to break expert symmetry."},
     )
     mask_logit_min: float = field(
-        default=math.log(0.01), metadata={"help": "Lower bound of log α (SMAT: ln 0.01)."}
+        default=-10.0,
+        metadata={
+            "help": "Lower bound of log α. SMAT's ln 0.01 leaves P(z≠0) = 0.047 per expert, so a "
+            "union of 8 experts could never go below 32 % density; -10 leaves 0.02 %."
+        },
     )
     mask_logit_max: float = field(
         default=math.log(100.0), metadata={"help": "Upper bound of log α (SMAT: ln 100)."}
@@ -109,10 +115,23 @@ class SIMoEConfig:
                              f"{self.router_temperature}")
         if not self.mask_logit_min < self.mask_logit_max:
             raise ValueError("mask_logit_min must be below mask_logit_max")
+        floor = self.density_floor
+        if self.target_sparsity > 0 and floor >= self.target_density:
+            raise ValueError(
+                f"target density {self.target_density:.3f} is unreachable: with log α clamped at "
+                f"mask_logit_min={self.mask_logit_min} the {self.sparsity_scope} density of "
+                f"{self.num_experts} experts cannot fall below {floor:.3f}; lower mask_logit_min"
+            )
 
     @property
     def target_density(self) -> float:
         return 1.0 - self.target_sparsity
+
+    @property
+    def density_floor(self) -> float:
+        """The least expected density the constraint can reach with log α at its lower bound."""
+        p = 1.0 / (1.0 + math.exp(-(self.mask_logit_min - BETA * math.log(-GAMMA / ZETA))))
+        return 1.0 - (1.0 - p) ** self.num_experts if self.sparsity_scope == "union" else p
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -146,7 +146,7 @@ class SIMoEModel(nn.Module):
             raise ValueError(f"routing must have shape [batch, {m}], got {tuple(routing.shape)}")
         routing = routing.float()
         for _, layer in self.simoe_layers():
-            layer.mix = routing @ layer.gates()
+            layer.set_routing(routing)
 
     @contextlib.contextmanager
     def bypass(self) -> Iterator[None]:

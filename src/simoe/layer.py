@@ -24,11 +24,11 @@ from simoe import hard_concrete
 
 
 def _columns(x, mix, delta, active, conv1d):
-    """x, m and Δ restricted to the active input columns (all of them when ``active`` is None)."""
-    if active is None:
-        return x, mix, delta
-    return x.index_select(-1, active), mix.index_select(-1, active), delta.index_select(
-        0 if conv1d else 1, active)
+    """x, m and Δ (in x's dtype) on the active input columns (all of them when ``active`` is None)."""
+    if active is not None:
+        x, mix, delta = x.index_select(-1, active), mix.index_select(-1, active), delta.index_select(
+            0 if conv1d else 1, active)
+    return x, mix, delta.to(x.dtype)
 
 
 def _scatter(values, active, shape, dim):
@@ -48,6 +48,8 @@ class _MaskedDelta(torch.autograd.Function):
     inactive columns are exactly zero for Δ and x; for m they are dropped, which is exact for
     the parameters: those gates sit in the clamp's flat region, where dz/d log α = 0, and
     z = 0 there, so the router's gradient Σ_col (dL/dm) z gets nothing from them either.
+    Δ comes in as the fp32 parameter and is cast to x's dtype inside, so a bf16 model keeps no
+    bf16 copy of Δ for backward.
     """
 
     @staticmethod
@@ -72,7 +74,7 @@ class _MaskedDelta(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             masked, grad = (xs * ms).flatten(0, -2), grad.flatten(0, -2)
             grad_delta = _scatter(masked.T @ grad if conv1d else grad.T @ masked, active,
-                                  delta.shape, 0 if conv1d else 1)
+                                  delta.shape, 0 if conv1d else 1).to(delta.dtype)
         return grad_x, grad_mix, grad_delta, None, None
 
 
@@ -150,9 +152,8 @@ class SIMoELinear(SIMoELayer):
         y = self.base(x)
         if self.mix is None:
             return y
-        delta = self.delta.to(x.dtype)
         conv1d = isinstance(self.base, Conv1D)
-        return y + _MaskedDelta.apply(x, self._mix_for(x), delta, self.active, conv1d)
+        return y + _MaskedDelta.apply(x, self._mix_for(x), self.delta, self.active, conv1d)
 
 
 class SIMoENorm(SIMoELayer):

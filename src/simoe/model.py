@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 
@@ -46,8 +47,9 @@ class SIMoEModel(nn.Module):
             cls = SIMoELinear if is_linear(module) else SIMoENorm
             layer = cls(module, config.num_experts, config.mask_init_logit, config.mask_init_std)
             base_model.set_submodule(name, layer)
-        if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(base_model, "name_or_path", None) or None
+        if config.base_model_name_or_path is None:  # record it without touching the caller's config
+            name = getattr(base_model, "name_or_path", None) or None
+            config = dataclasses.replace(config, base_model_name_or_path=name)
         self.simoe_config = config
         self.base_model = base_model
 

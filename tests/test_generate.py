@@ -55,3 +55,21 @@ def test_beam_search_expands_each_prompt_routing_in_place():
     singles = torch.cat([model.generate(input_ids=ids[i : i + 1], **kwargs) for i in range(2)])
     assert batched.shape == (4, 11)
     assert torch.equal(batched, singles)
+
+
+def test_manual_cached_decoding_needs_the_prompt_routing():
+    model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=4))
+    randomize_experts(model)
+    model.eval()
+    ids = torch.randint(3, VOCAB, (1, 6))
+    with torch.no_grad():
+        r = model.route(ids)
+        out = model(input_ids=ids, routing=r, use_cache=True)
+        step = out.logits[:, -1:].argmax(-1)
+        with pytest.raises(ValueError, match="routing=model.route"):
+            model(input_ids=step, past_key_values=out.past_key_values)
+        cached = model(input_ids=step, past_key_values=out.past_key_values, routing=r).logits[:, -1]
+        full = model(input_ids=torch.cat([ids, step], 1), routing=r).logits[:, -1]
+    assert torch.allclose(cached, full, atol=1e-5)
+    generated = model.generate(input_ids=ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated[:, -1:], step)

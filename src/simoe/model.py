@@ -180,6 +180,10 @@ class SIMoEModel(nn.Module):
         if routing is None:
             if input_ids is None:
                 raise ValueError("pass input_ids to route on, or an explicit routing")
+            if kwargs.get("past_key_values") is not None:
+                # input_ids would be only the new tokens: routing on them is not the prompt's
+                raise ValueError("decoding with a cache needs routing=model.route(prompt ids); "
+                                 "model.generate does this for you")
             routing = self.route(input_ids, attention_mask, prompt_mask)
         self.set_routing(routing)
         return self.base_model(

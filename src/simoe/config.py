@@ -8,7 +8,9 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from simoe.hard_concrete import BETA, GAMMA, ZETA
+import torch
+
+from simoe import hard_concrete
 
 CONFIG_NAME = "simoe_config.json"
 WEIGHTS_NAME = "simoe_model.safetensors"
@@ -130,7 +132,7 @@ class SIMoEConfig:
     @property
     def density_floor(self) -> float:
         """The least expected density the constraint can reach with log α at its lower bound."""
-        p = 1.0 / (1.0 + math.exp(-(self.mask_logit_min - BETA * math.log(-GAMMA / ZETA))))
+        p = float(hard_concrete.prob_nonzero(torch.tensor(float(self.mask_logit_min))))
         return 1.0 - (1.0 - p) ** self.num_experts if self.sparsity_scope == "union" else p
 
     def to_dict(self) -> dict:

@@ -110,9 +110,14 @@ class SIMoELayer(nn.Module):
             return hard_concrete.sample(self.log_alpha)
         return hard_concrete.deterministic(self.log_alpha)
 
-    def set_routing(self, routing: torch.Tensor, gates: torch.Tensor | None = None) -> None:
-        """Merge the experts for a batch: m = r @ z, with ``gates`` z drawn by :meth:`gates`."""
-        self.mix = routing @ (self.gates() if gates is None else gates)
+    def set_routing(self, routing: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+        """Merge the experts for a batch: m = r @ z, with ``gates`` z drawn by :meth:`gates`.
+
+        Returns the gates used.
+        """
+        gates = self.gates() if gates is None else gates
+        self.mix = routing @ gates
+        return gates
 
     def _mix_for(self, x: torch.Tensor) -> torch.Tensor:
         """The merged mask shaped to broadcast over x ([batch, ..., in_features])."""
@@ -137,11 +142,11 @@ class SIMoELinear(SIMoELayer):
         super().__init__(base, num_experts, init_logit, init_std)
         self.active: torch.Tensor | None = None  # input columns with a non-zero gate; None: all
 
-    def set_routing(self, routing: torch.Tensor, gates: torch.Tensor | None = None) -> None:
-        gates = self.gates() if gates is None else gates
-        super().set_routing(routing, gates)
+    def set_routing(self, routing: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+        gates = super().set_routing(routing, gates)
         on = (gates != 0).any(dim=0)
         self.active = None if bool(on.all()) else on.nonzero().squeeze(1)
+        return gates
 
     @property
     def in_features(self) -> int:

@@ -3,47 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import re
 import sys
 from collections import Counter
 
-from simoe.config import SIMoEConfig
-
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--field`` per SIMoEConfig field, documented by the field's help text."""
-    group = parser.add_argument_group("SIMoE options (SIMoEConfig)")
-    for f in dataclasses.fields(SIMoEConfig):
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})".replace("%", "%%")
-        if f.name == "target_modules":
-            group.add_argument("--target_modules", nargs="+", default=None, help=help_text)
-        elif f.type in ("bool", bool):
-            group.add_argument(f"--{f.name}", type=_parse_bool, default=None, help=help_text)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-            group.add_argument(f"--{f.name}", type=kind, default=None, help=help_text)
-
-
-def config_from_args(args: argparse.Namespace) -> SIMoEConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SIMoEConfig)}
-    values = {k: v for k, v in values.items() if v is not None}
-    targets = values.get("target_modules")
-    # One value that is 'all-linear' or a regex stays a string; plain names make a list.
-    if targets and len(targets) == 1 and not (_PLAIN_NAME.match(targets[0]) and targets[0] != "all-linear"):
-        values["target_modules"] = targets[0]
-    return SIMoEConfig(**values)
+from simoe.pipeline import add_config_arguments, config_from_args, parse_train_args, run_train
 
 
 def inspect(args: argparse.Namespace) -> None:
@@ -69,16 +33,29 @@ def inspect(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2))
 
 
+def train(argv: list[str]) -> None:
+    """Upcycle a model with SIMoE and instruction-tune it (see `simoe train --help`)."""
+    run_train(*parse_train_args(argv))
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # its own HfArgumentParser (TrainingArguments has ~100 options)
+        return _run("train", lambda: train(argv[1:]))
     parser = argparse.ArgumentParser(prog="simoe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("train", help=train.__doc__, add_help=False)
     p = commands.add_parser("inspect", help=inspect.__doc__, description=inspect.__doc__)
     p.add_argument("model_name_or_path", help="Hugging Face hub id or local directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     add_config_arguments(p)
     args = parser.parse_args(argv)
+    _run(args.command, lambda: {"inspect": inspect}[args.command](args))
+
+
+def _run(command: str, job) -> None:
     try:
-        {"inspect": inspect}[args.command](args)
+        job()
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"simoe {args.command}: error: {e}", file=sys.stderr)
+        print(f"simoe {command}: error: {e}", file=sys.stderr)
         sys.exit(2)

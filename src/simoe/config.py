@@ -63,12 +63,13 @@ class SIMoEConfig:
     router_min_temperature: float = field(
         default=0.5, metadata={"help": "Temperature τ_min reached at the end of annealing."}
     )
-    mask_init_logit: float = field(
-        default=0.0,
+    mask_init_density: float = field(
+        default=0.9,
         metadata={
-            "help": "Initial log α (SMAT: 0, i.e. P(z≠0) ≈ 0.83, deterministic gate 0.5). Much "
-            "denser starts stall the union constraint: its gradient on expert m carries the "
-            "factor Π_{j≠m}(1 - p_j), which vanishes when every expert is nearly always on."
+            "help": "Expected constrained density (union or per expert, per sparsity_scope) at "
+            "initialisation; log α starts where P(z≠0) gives it. A union of M nearly-always-on "
+            "experts stalls the constraint: its gradient on expert m carries the factor "
+            "Π_{j≠m}(1 - p_j), which vanishes as every p_j → 1 (e.g. SMAT's log α = 0 with M = 8)."
         },
     )
     mask_init_std: float = field(
@@ -115,6 +116,8 @@ class SIMoEConfig:
             raise ValueError("router temperatures must satisfy 0 < router_min_temperature <= "
                              f"router_temperature, got {self.router_min_temperature}, "
                              f"{self.router_temperature}")
+        if not 0.0 < self.mask_init_density < 1.0:
+            raise ValueError(f"mask_init_density must be in (0, 1), got {self.mask_init_density}")
         if not self.mask_logit_min < self.mask_logit_max:
             raise ValueError("mask_logit_min must be below mask_logit_max")
         floor = self.density_floor
@@ -128,6 +131,14 @@ class SIMoEConfig:
     @property
     def target_density(self) -> float:
         return 1.0 - self.target_sparsity
+
+    @property
+    def mask_init_logit(self) -> float:
+        """The log α at which the constrained density equals ``mask_init_density``."""
+        d = self.mask_init_density
+        p = 1.0 - (1.0 - d) ** (1.0 / self.num_experts) if self.sparsity_scope == "union" else d
+        hc = hard_concrete  # P(z≠0) = sigmoid(log α − β log(−γ/ζ)), inverted
+        return math.log(p / (1.0 - p)) + hc.BETA * math.log(-hc.GAMMA / hc.ZETA)
 
     @property
     def density_floor(self) -> float:

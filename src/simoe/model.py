@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from simoe import objectives
-from simoe.config import WEIGHTS_NAME, SIMoEConfig
+from simoe import hard_concrete, objectives
+from simoe.config import CONFIG_NAME, WEIGHTS_NAME, SIMoEConfig
 from simoe.layer import SIMoELayer, SIMoELinear, SIMoENorm
 from simoe.router import Router, masked_mean
 from simoe.targets import find_targets, is_linear
@@ -66,6 +66,9 @@ class SIMoEModel(nn.Module):
         self.router = Router(
             input_size, config.num_experts, config.router_hidden_size, config.router_temperature
         ).to(embeddings.weight.device)
+        # Gate noise comes from this generator when set (see seed_gates), else torch's global RNG.
+        self.gate_generator: torch.Generator | None = None
+        self.last_routing: torch.Tensor | None = None  # detached, for logging (router entropy)
 
     # ---------------------------------------------------------------- structure
     def simoe_layers(self) -> Iterator[tuple[str, SIMoELayer]]:
@@ -94,6 +97,28 @@ class SIMoEModel(nn.Module):
 
     def set_router_temperature(self, temperature: float) -> None:
         self.router.temperature.fill_(float(temperature))
+
+    def seed_gates(self, seed: int) -> torch.Generator:
+        """Draw training gate noise from a dedicated generator seeded with ``seed``.
+
+        Data-parallel ranks seed it identically, so every rank samples the same gates each step and
+        the run equals a single process with the global batch. Its state is checkpointed.
+        """
+        device = self.router.temperature.device
+        self.gate_generator = torch.Generator(device=device).manual_seed(seed)
+        return self.gate_generator
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Activation checkpointing of the base's layers; the routed masks stay set for recomputation."""
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base_model.gradient_checkpointing_disable()
+
+    @property
+    def config(self):  # the base's HF config, which Trainer and generation utilities read
+        return self.base_model.config
 
     # ---------------------------------------------------------------- routing
     def route(
@@ -148,7 +173,8 @@ class SIMoEModel(nn.Module):
             raise ValueError(f"routing must have shape [batch, {m}], got {tuple(routing.shape)}")
         routing = routing.float()
         for _, layer in self.simoe_layers():
-            layer.set_routing(routing)
+            gates = hard_concrete.sample(layer.log_alpha, self.gate_generator) if layer.training else None
+            layer.set_routing(routing, gates)
 
     @contextlib.contextmanager
     def bypass(self) -> Iterator[None]:
@@ -185,6 +211,7 @@ class SIMoEModel(nn.Module):
                 raise ValueError("decoding with a cache needs routing=model.route(prompt ids); "
                                  "model.generate does this for you")
             routing = self.route(input_ids, attention_mask, prompt_mask)
+        self.last_routing = routing.detach()
         self.set_routing(routing)
         return self.base_model(
             input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
@@ -270,9 +297,27 @@ class SIMoEModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, base_model: PreTrainedModel, directory: str | os.PathLike
+        cls,
+        base_model: PreTrainedModel | str | os.PathLike,
+        directory: str | os.PathLike | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> SIMoEModel:
-        """Upcycle ``base_model`` as the saved config says, then load the saved SIMoE tensors."""
+        """Upcycle a base as the saved config says, then load the saved SIMoE tensors.
+
+        ``from_pretrained(base, directory)`` uses the given base; ``from_pretrained(directory)``
+        loads the base recorded in the config (``base_model_name_or_path``), as PEFT's Auto classes do.
+        """
+        if directory is None:
+            if isinstance(base_model, PreTrainedModel):
+                raise ValueError("pass the SIMoE directory: from_pretrained(base_model, directory)")
+            directory = base_model
+            config = SIMoEConfig.from_pretrained(directory)
+            if not config.base_model_name_or_path:
+                raise ValueError(f"{os.path.join(directory, CONFIG_NAME)}: no base_model_name_or_path "
+                                 "recorded; pass the base model: from_pretrained(base_model, directory)")
+            from simoe.hub import load_model_and_tokenizer
+
+            base_model, _ = load_model_and_tokenizer(config.base_model_name_or_path, dtype=dtype)
         model = cls(base_model, SIMoEConfig.from_pretrained(directory))
         model.load_simoe_weights(directory)
         return model

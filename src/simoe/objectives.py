@@ -112,3 +112,27 @@ class SparsityLagrangian(nn.Module):
         if gap.numel() != self.lambda1.numel():
             raise ValueError(f"{gap.numel()} densities for {self.lambda1.numel()} constraints")
         return (self.lambda1 * gap + self.lambda2 * gap.pow(2)).sum()
+
+
+class SIMoERegularizer(nn.Module):
+    """Everything the spec adds to the NLL, at one training step:
+
+        Σ [λ1 (d - t) + λ2 (d - t)²] + μ · L_orth,   t warmed up from 1.0 over ``warmup_steps``.
+
+    Holds the multipliers λ (train them with their own learning rate and no weight decay).
+    Returns the total and the detached parts for logging.
+    """
+
+    def __init__(self, config: SIMoEConfig, warmup_steps: int):
+        super().__init__()
+        self.config, self.warmup_steps = config, warmup_steps
+        self.lagrangian = SparsityLagrangian.for_config(config)
+
+    def forward(self, layers: Iterable, step: int) -> tuple[torch.Tensor, dict]:
+        layers = _layers(layers)
+        target = target_density(step, self.warmup_steps, self.config.target_density)
+        density = constrained_density(layers, self.config.sparsity_scope)
+        sparsity = self.lagrangian(density, target)
+        orth = orthogonality(layers)
+        parts = {"target_density": target, "lagrangian": sparsity.detach(), "orthogonality": orth.detach()}
+        return sparsity + self.config.orthogonality_weight * orth, parts

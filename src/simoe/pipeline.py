@@ -1,0 +1,184 @@
+"""The training recipe behind ``simoe train``: YAML + ``--key value`` → model, data, trainer, outputs.
+
+One dataclass per concern, parsed as TRL does: ``ModelArguments``, ``DataArguments``,
+:class:`SIMoEConfig` (the method) and :class:`SIMoETrainingArguments` (``TrainingArguments``
+plus SIMoE's learning rates). A ``--config`` YAML file sets defaults; command-line flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import yaml
+from transformers import HfArgumentParser, set_seed
+
+from simoe.config import SIMoEConfig
+from simoe.train import SIMoETrainer, SIMoETrainingArguments
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="smollm2-135m-instruct",
+        metadata={"help": "Hugging Face hub id, local directory, or a built-in offline name "
+                  "(smollm2-135m-instruct, gemma3-270m)."},
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Dtype of the frozen base: float32, bfloat16, float16 or auto "
+                  "(SIMoE's trainable tensors stay float32).",
+                  "choices": ["float32", "bfloat16", "float16", "auto"]},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention implementation (eager, sdpa, flash_attention_2)."}
+    )
+
+
+@dataclass
+class DataArguments:
+    data: str | None = field(
+        default=None,
+        metadata={"help": "Training data: a JSON/JSONL/CSV/Parquet file, a Super-NaturalInstructions "
+                  "directory, a Hugging Face dataset name, or simoe:synthetic (the demo's task families)."},
+    )
+    data_format: str | None = field(
+        default=None,
+        metadata={"help": "alpaca, chat, prompt_completion or sni; detected from the fields when omitted."},
+    )
+    split: str | None = field(
+        default=None, metadata={"help": "SNI: train or test task split; HF datasets: the split name."}
+    )
+    max_seq_length: int = field(
+        default=1024, metadata={"help": "Longest tokenized example; prompts are cut first, from the left."}
+    )
+    max_instances_per_task: int | None = field(
+        default=None, metadata={"help": "SNI: keep at most this many instances per task."}
+    )
+    skip_bad_records: bool = field(
+        default=False, metadata={"help": "Skip malformed records with a counted warning instead of failing."}
+    )
+
+
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--field`` per SIMoEConfig field, documented by the field's help text."""
+    group = parser.add_argument_group("SIMoE options (SIMoEConfig)")
+    for f in dataclasses.fields(SIMoEConfig):
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})".replace("%", "%%")
+        if f.name == "target_modules":
+            group.add_argument("--target_modules", nargs="+", default=None, help=help_text)
+        elif f.type in ("bool", bool):
+            group.add_argument(f"--{f.name}", type=_parse_bool, default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+            group.add_argument(f"--{f.name}", type=kind, default=None, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> SIMoEConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SIMoEConfig)}
+    values = {k: v for k, v in values.items() if v is not None}
+    targets = values.get("target_modules")
+    # One value that is 'all-linear' or a regex stays a string; plain names make a list.
+    if targets and len(targets) == 1 and not (_PLAIN_NAME.match(targets[0]) and targets[0] != "all-linear"):
+        values["target_modules"] = targets[0]
+    return SIMoEConfig(**values)
+
+
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, SIMoETrainingArguments),
+        prog="simoe train",
+        description="Upcycle a causal LM with SIMoE and instruction-tune it (transformers.Trainer).",
+    )
+    parser.add_argument("--config", default=None, help="YAML file of defaults for any option below.")
+    add_config_arguments(parser)
+    return parser
+
+
+def parse_train_args(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, SIMoEConfig, SIMoETrainingArguments]:
+    """Parse ``--config FILE`` (YAML defaults) and ``--key value`` overrides into the four dataclasses."""
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_yaml_defaults(known.config, parser))
+    model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(
+        args=argv, look_for_args_file=False
+    )
+    if isinstance(getattr(rest, "target_modules", None), str):  # a YAML string, not CLI tokens
+        rest.target_modules = [rest.target_modules]
+    return model_args, data_args, config_from_args(rest), training_args
+
+
+def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value, got {type(values).__name__}")
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {unknown}; see `simoe train --help`")
+    return values
+
+
+def run_train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    config: SIMoEConfig,
+    training_args: SIMoETrainingArguments,
+) -> SIMoETrainer:
+    """Load the base, upcycle it, tokenize the data, train, and save the result to ``output_dir``."""
+    from simoe.data import SIMoECollator, build_dataset
+    from simoe.hub import load_model_and_tokenizer
+    from simoe.model import upcycle
+
+    if not data_args.data:
+        raise ValueError("no training data: pass --data (or `data:` in the --config file)")
+    set_seed(training_args.seed)  # before upcycling: mask noise and router init are seeded
+    base, tokenizer = load_model_and_tokenizer(
+        model_args.model_name_or_path, dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation,
+    )
+    config = dataclasses.replace(config, base_model_name_or_path=model_args.model_name_or_path)
+    model = upcycle(base, config)
+    with training_args.main_process_first(desc="tokenizing"):
+        dataset, stats = build_dataset(
+            data_args.data, tokenizer, data_format=data_args.data_format,
+            max_seq_length=data_args.max_seq_length, split=data_args.split,
+            max_instances_per_task=data_args.max_instances_per_task,
+            skip_bad_records=data_args.skip_bad_records, seed=training_args.seed,
+        )
+    trainer = SIMoETrainer(
+        model, training_args, train_dataset=dataset, data_collator=SIMoECollator(tokenizer),
+        processing_class=tokenizer,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if training_args.should_save:
+        summary = {"data": stats, "sparsity": model.sparsity_report(),
+                   "log_history": trainer.state.log_history}
+        with open(os.path.join(training_args.output_dir, "train_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return trainer

@@ -1,0 +1,259 @@
+"""Instruction tuning with SIMoE on ``transformers.Trainer``.
+
+Trainer brings gradient accumulation, bf16, activation checkpointing, logging backends and
+``accelerate launch`` / ``torchrun``; this module adds what SIMoE needs on top:
+
+* the objective of spec §4: NLL + Lagrangian sparsity (λ maximised) + μ · orthogonality, with
+  separate learning rates for Δ, mask logits, router and λ;
+* router temperature annealing and the sparsity-target warm-up, both pure functions of the step,
+  so a resumed run continues them exactly;
+* gate noise from a generator seeded identically on every rank (data-parallel runs equal one
+  process with the same global batch) and checkpointed with the other RNG states;
+* checkpoints that hold only the trainable tensors (plus optimizer, scheduler and RNG state),
+  staged in a hidden folder and renamed into place, so a crash never leaves a half checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.utils import logging
+
+from simoe.model import SIMoEModel
+from simoe.objectives import SIMoERegularizer, deterministic_nonzero, expected_density
+
+logger = logging.get_logger(__name__)
+
+LAGRANGIAN_NAME = "simoe_lagrangian.safetensors"
+GATE_RNG_NAME = "simoe_gate_rng.safetensors"
+_STAGING = ".staging"
+
+
+@dataclass
+class SIMoETrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the learning rates and schedules SIMoE adds.
+
+    ``learning_rate`` is Δ's (it plays the role of full fine-tuning's learning rate).
+    """
+
+    mask_learning_rate: float = field(
+        default=0.05,
+        metadata={"help": "Learning rate of the hard-concrete mask logits log α (much larger than Δ's)."},
+    )
+    router_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the router; default: learning_rate."}
+    )
+    lagrangian_learning_rate: float = field(
+        default=0.1, metadata={"help": "Learning rate of the Lagrange multipliers λ (gradient ascent)."}
+    )
+    sparsity_warmup_steps: float = field(
+        default=0.3,
+        metadata={
+            "help": "Steps over which the target density falls linearly from 1.0 to 1 - target_sparsity; "
+            "a value below 1 is a fraction of the total training steps."
+        },
+    )
+
+
+def _steps(value: float, total: int) -> int:
+    return int(math.ceil(value * total)) if value < 1 else int(value)
+
+
+class _AfterOptimizerStep(TrainerCallback):
+    """Clamp log α into range (clamping data keeps gradients alive) and clear λ's gradients,
+    which Trainer's ``model.zero_grad()`` does not reach: λ lives beside the model, not in it."""
+
+    def __init__(self, regularizer: SIMoERegularizer):
+        self.regularizer = regularizer
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model.clamp_mask_logits_()
+        self.regularizer.zero_grad(set_to_none=True)
+
+
+class SIMoETrainer(Trainer):
+    """``Trainer`` for a :class:`SIMoEModel`; use it exactly like ``Trainer``.
+
+    Batches carry ``input_ids``, ``attention_mask``, ``labels`` and ``prompt_mask`` (what the
+    router reads), as :func:`simoe.data.build_dataset` and its collator produce.
+    """
+
+    def __init__(self, model: SIMoEModel, args: SIMoETrainingArguments, **kwargs):
+        if not isinstance(model, SIMoEModel):
+            raise TypeError(f"SIMoETrainer trains a SIMoEModel, got {type(model).__name__}")
+        super().__init__(model=model, args=args, **kwargs)
+        # The NLL is normalised below by the token count of the whole accumulated batch.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
+        self.loss_is_scaled_for_ga = True
+        self.regularizer = SIMoERegularizer(model.simoe_config, warmup_steps=0).to(args.device)
+        model.seed_gates(args.seed)  # the same seed on every rank: identical gate noise
+        self._gate_step, self._gate_state = -1, None
+        # [NLL sum, response tokens, router-entropy sum, examples] since the last log
+        self._window = torch.zeros(4, dtype=torch.float64, device=args.device)
+        self.add_callback(_AfterOptimizerStep(self.regularizer))
+
+    # ------------------------------------------------------------------ schedules
+    def router_temperature(self, step: int) -> float:
+        """τ annealed linearly from τ0 to τ_min over the run."""
+        c = self.model.simoe_config
+        frac = min(1.0, step / max(1, self.state.max_steps - 1))
+        return c.router_temperature + frac * (c.router_min_temperature - c.router_temperature)
+
+    # ------------------------------------------------------------------ optimizer and loss
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            a, groups = self.args, self.model.parameter_groups()
+            param_groups = [
+                {"params": groups["delta"], "lr": a.learning_rate, "weight_decay": a.weight_decay},
+                {"params": groups["mask_logits"], "lr": a.mask_learning_rate, "weight_decay": 0.0},
+                {"params": groups["router"], "lr": a.router_learning_rate or a.learning_rate,
+                 "weight_decay": a.weight_decay},
+                {"params": list(self.regularizer.parameters()), "lr": a.lagrangian_learning_rate,
+                 "weight_decay": 0.0},
+            ]
+            optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(a, self.model)
+            optimizer_kwargs.pop("lr", None)  # every group sets its own
+            self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        simoe = self.accelerator.unwrap_model(model)
+        labels = inputs["labels"]
+        local_tokens = labels[:, 1:].ne(-100).sum()
+        if not model.training:  # evaluation: the plain NLL
+            outputs = model(**inputs)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+        step = self.state.global_step
+        simoe.set_router_temperature(self.router_temperature(step))
+        self._same_gates_within_step(simoe.gate_generator, step)
+        if num_items_in_batch is None:
+            num_items_in_batch = local_tokens
+        # The base's loss is Σ token NLL / num_items_in_batch (tokens of the whole accumulated and,
+        # by default, global batch), so summing over micro-steps and ranks gives the exact mean.
+        outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+        nll = outputs.loss
+        # DDP averages gradients over ranks; undo that for a sum over the global batch.
+        ranks = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        self.regularizer.warmup_steps = _steps(self.args.sparsity_warmup_steps, self.state.max_steps)
+        reg, _ = self.regularizer(simoe.simoe_layers(), step)
+        loss = nll * ranks + reg / self.current_gradient_accumulation_steps
+
+        r = simoe.last_routing
+        entropy = -(r * r.clamp_min(1e-12).log()).sum(-1)
+        self._window += torch.stack([
+            nll.detach().double() * num_items_in_batch, local_tokens.double(),
+            entropy.sum().double(), torch.tensor(float(r.shape[0]), device=r.device, dtype=torch.float64),
+        ]).to(self._window.device)
+        return (loss, outputs) if return_outputs else loss
+
+    def _same_gates_within_step(self, generator: torch.Generator, step: int) -> None:
+        """Every micro-batch of an optimizer step draws the same gates (log α does not change
+        within a step), so accumulating k micro-batches equals one k-times larger batch, just as
+        data-parallel ranks do with their identically seeded generators."""
+        if self._gate_step != step:
+            self._gate_step, self._gate_state = step, generator.get_state()
+        else:
+            generator.set_state(self._gate_state)
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and "eval_loss" not in logs:
+            logs.update(self.simoe_metrics())
+        super().log(logs, start_time)
+
+    @torch.no_grad()
+    def simoe_metrics(self) -> dict[str, float]:
+        """NLL and router entropy since the last log (all ranks), and the SIMoE state now."""
+        window = self.accelerator.reduce(self._window.clone(), reduction="sum")
+        self._window.zero_()
+        simoe = self.accelerator.unwrap_model(self.model)
+        layers = [layer for _, layer in simoe.simoe_layers()]
+        exp_expert, exp_union = expected_density(layers)
+        det_expert, det_union, total = deterministic_nonzero(layers)
+        step = self.state.global_step
+        reg = self.regularizer
+        _, parts = reg(layers, step)
+        out = {
+            "nll": (window[0] / window[1].clamp_min(1)).item(),
+            "router_entropy": (window[2] / window[3].clamp_min(1)).item(),
+            "router_temperature": self.router_temperature(step),
+            "target_density": parts["target_density"],
+            "orthogonality": float(parts["orthogonality"]),
+            "density/union_expected": exp_union.item(),
+            "density/union_deterministic": det_union / total,
+        }
+        for m, (e, d) in enumerate(zip(exp_expert.tolist(), det_expert.tolist(), strict=True)):
+            out[f"density/expert{m}_expected"] = e
+            out[f"density/expert{m}_deterministic"] = d / total
+        for name in ("lambda1", "lambda2"):
+            values = getattr(reg.lagrangian, name).tolist()
+            out.update({name: values[0]} if len(values) == 1 else
+                       {f"{name}/expert{m}": v for m, v in enumerate(values)})
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Only the SIMoE tensors (no base weights), λ and the tokenizer."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.regularizer.state_dict().items()}
+        save_file(tensors, os.path.join(output_dir, LAGRANGIAN_NAME))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        simoe = self.accelerator.unwrap_model(self.model)
+        simoe.load_simoe_weights(resume_from_checkpoint)
+        path = os.path.join(resume_from_checkpoint, LAGRANGIAN_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: not a SIMoE training checkpoint")
+        self.regularizer.load_state_dict(load_file(path, device=str(self.args.device)))
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        generator = self.accelerator.unwrap_model(self.model).gate_generator
+        if self.args.should_save and generator is not None:
+            save_file({"state": generator.get_state()}, os.path.join(output_dir, GATE_RNG_NAME))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        path = os.path.join(checkpoint, GATE_RNG_NAME) if checkpoint else None
+        if path and os.path.isfile(path):
+            self.accelerator.unwrap_model(self.model).gate_generator.set_state(load_file(path)["state"])
+
+    def _get_output_dir(self, trial) -> str:
+        staging = getattr(self, "_staging_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint into a hidden staging folder, then rename it into place."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging_dir = os.path.join(run_dir, _STAGING)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state
+        if self.args.should_save:
+            staging, final = os.path.join(run_dir, _STAGING), os.path.join(run_dir, name)
+            if os.path.exists(final):  # re-saving a step (e.g. the final save after a resume)
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.state.best_model_checkpoint:
+                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(staging, run_dir)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -16,6 +18,9 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+
+# Real data shared by the team (read-only), next to the repository: ../shared/data
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 VOCAB = 96
 _COMMON = dict(

@@ -108,13 +108,23 @@ class SIMoEModel(nn.Module):
         self.gate_generator = torch.Generator(device=device).manual_seed(seed)
         return self.gate_generator
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Activation checkpointing of the base's layers; the routed masks stay set for recomputation."""
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        **kwargs) -> None:
+        """Activation checkpointing of the base's layers (Trainer calls it for ``--gradient_checkpointing``).
 
-    def gradient_checkpointing_disable(self) -> None:
-        self.base_model.gradient_checkpointing_disable()
+        Non-reentrant by default: the frozen embeddings give the checkpointed layers inputs that need no
+        grad, and reentrant checkpointing would then drop the gradients of Δ and log α inside them.
+        The routed masks stay set on the layers, so recomputation uses the gates the forward drew.
+        """
+        ckpt_kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if hasattr(self.base_model, "activation_checkpointing_enable"):
+            self.base_model.activation_checkpointing_enable(ckpt_kwargs, **kwargs)
+        else:  # transformers releases before the rename
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kw) -> None:
+        """The name older transformers releases call."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kw)
 
     @property
     def config(self):  # the base's HF config, which Trainer and generation utilities read

@@ -59,6 +59,13 @@ class DataArguments:
     max_instances_per_task: int | None = field(
         default=None, metadata={"help": "SNI: keep at most this many instances per task."}
     )
+    prompt_field: str | None = field(
+        default=None,
+        metadata={"help": "Column holding the prompt, for files in no known format (e.g. question)."},
+    )
+    response_field: str | None = field(
+        default=None, metadata={"help": "Column holding the response, with prompt_field (e.g. answer)."}
+    )
     skip_bad_records: bool = field(
         default=False, metadata={"help": "Skip malformed records with a counted warning instead of failing."}
     )
@@ -168,6 +175,7 @@ def run_train(
             data_args.data, tokenizer, data_format=data_args.data_format,
             max_seq_length=data_args.max_seq_length, split=data_args.split,
             max_instances_per_task=data_args.max_instances_per_task,
+            prompt_field=data_args.prompt_field, response_field=data_args.response_field,
             skip_bad_records=data_args.skip_bad_records, seed=training_args.seed,
         )
     trainer = SIMoETrainer(

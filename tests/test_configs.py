@@ -1,0 +1,94 @@
+"""Every shipped config trains for 2 steps through `simoe train`, with a tiny model standing in."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED_DATA
+from test_data import CHATML, byte_tokenizer
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from simoe import SIMoEModel
+from simoe.cli import main
+from simoe.pipeline import parse_train_args
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+# local stand-ins for data that lives on the hub
+CHAT = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w},
+                      {"role": "user", "content": "Again?"}, {"role": "assistant", "content": f"{w}!"}]}
+        for w in ("yes", "no", "maybe", "never")]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    """A tiny Llama with a byte-level ChatML tokenizer, saved as a local model directory."""
+    tok = byte_tokenizer(CHATML, pad=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id))
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _data_for(config: dict, tmp_path: Path) -> list[str]:
+    if config["data"] == "natural-instructions":
+        return ["--data", str(SHARED_DATA / "sni"), "--max_instances_per_task", "2"]
+    if config["data"].startswith("allenai/"):
+        path = tmp_path / "chat.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in CHAT))
+        return ["--data", str(path)]
+    return []
+
+
+@pytest.mark.parametrize("config_path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_trains_two_steps(config_path, tiny_dir, tmp_path):
+    import yaml
+
+    config = yaml.safe_load(config_path.read_text())
+    out = tmp_path / "out"
+    argv = ["--config", str(config_path), "--model_name_or_path", tiny_dir, "--max_steps", "2",
+            "--output_dir", str(out), "--max_seq_length", "128", "--logging_steps", "1",
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+            "--bf16", "false", "--target_modules", "all-linear", "--dtype", "float32",
+            *_data_for(config, tmp_path)]
+    _, _, simoe_config, args = parse_train_args(argv)
+    # the config's method settings arrive as written, and so do its training settings
+    assert simoe_config.num_experts == config["num_experts"]
+    assert simoe_config.target_sparsity == config["target_sparsity"]
+    assert args.learning_rate == config["learning_rate"]
+    assert args.mask_learning_rate == config["mask_learning_rate"]
+    assert args.gradient_checkpointing == config.get("gradient_checkpointing", False)
+    main(["train", *argv])
+
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    logs = [h for h in state["log_history"] if "nll" in h]
+    assert len(logs) == 2 and all(0 < h["nll"] < 20 for h in logs)
+    saved = json.loads((out / "simoe_config.json").read_text())
+    assert saved["base_model_name_or_path"] == tiny_dir and saved["num_experts"] == config["num_experts"]
+    # path-only reload: the recorded base plus the trained SIMoE tensors
+    model = SIMoEModel.from_pretrained(str(out)).eval()
+    ids = torch.randint(3, 200, (1, 12))
+    reference = SIMoEModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(out)).eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("delta"))
+
+
+def test_unknown_yaml_option_names_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_experts: 4\nnum_expert: 3\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml.*num_expert"):
+        parse_train_args(["--config", str(bad)])
+
+
+def test_command_line_overrides_the_yaml(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("num_experts: 4\nlearning_rate: 0.5\ntarget_modules: [q_proj, v_proj]\n")
+    _, _, config, args = parse_train_args(["--config", str(cfg), "--num_experts", "6"])
+    assert config.num_experts == 6 and args.learning_rate == 0.5
+    assert config.target_modules == ["q_proj", "v_proj"]

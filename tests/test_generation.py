@@ -1,0 +1,145 @@
+import json
+import string
+
+import pytest
+import torch
+from conftest import randomize_experts, tiny_model
+from matplotlib.image import imread
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
+
+from simoe import SIMoEConfig, upcycle
+from simoe.analysis import mean_routing_by_group, plot_routing_heatmap
+from simoe.data import render_prompt
+from simoe.generation import exact_match, exact_match_by_group, generate, score_by_group
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PROMPTS = ["Add: 2 + 3", "Reverse the word: ocean", "Hi", "Count the letter: 'a' in banana", "Sort: c a b"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A character-level ChatML tokenizer whose ids fit the tiny models' vocabulary (pad 0, eos 2)."""
+    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+    chars = list(string.ascii_letters + string.digits + " \n:;+-.,'?")
+    vocab = {t: i for i, t in enumerate([*specials, *chars, "<unk>"])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|pad|>", bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", unk_token="<unk>", chat_template=CHATML)
+
+
+def _chats(texts):
+    return [[{"role": "user", "content": t}] for t in texts]
+
+
+def _records(texts, groups):
+    return [{"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "x"}],
+             "group": g} for t, g in zip(texts, groups, strict=True)]
+
+
+def _simoe(router_input="embedding-mean"):
+    model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=4, router_input=router_input))
+    randomize_experts(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["hf", "simoe"])
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tokenizer, kind):
+    model = tiny_model("llama") if kind == "hf" else _simoe()
+    chats = _chats(PROMPTS)
+    batched = generate(model, tokenizer, chats, max_new_tokens=6, batch_size=3)  # batches of 3 and 2
+    singles = [generate(model, tokenizer, [c], max_new_tokens=6, batch_size=1)[0] for c in chats]
+    assert batched == singles
+    # the reference: greedy generation from the rendered prompt, only the new tokens decoded
+    for chat, text in zip(chats, batched, strict=True):
+        ids = torch.tensor([render_prompt(tokenizer, chat)])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                             do_sample=False, eos_token_id=2, pad_token_id=0)
+        assert text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert any(batched)  # a random model writes something, so the comparison has content
+
+
+def test_simoe_generation_uses_the_routing(tokenizer):
+    routed = generate(_simoe(), tokenizer, _chats(PROMPTS), max_new_tokens=6)
+    base = generate(tiny_model("llama"), tokenizer, _chats(PROMPTS), max_new_tokens=6)  # same base weights
+    assert routed != base
+
+
+def test_stops_at_the_model_generation_config_eos(tokenizer):
+    model = tiny_model("llama")
+    chat = _chats(["Hi"])
+    ids = torch.tensor([render_prompt(tokenizer, chat[0])])
+    free = model.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                          pad_token_id=0)[0, ids.shape[1]:]
+    first = int(free[0])
+    assert first != tokenizer.eos_token_id
+    model.generation_config.eos_token_id = first  # a chat model's end-of-turn id, unlike the tokenizer's
+    assert generate(model, tokenizer, chat, max_new_tokens=4) == [tokenizer.decode([first]).strip()]
+
+
+def test_generate_restores_the_training_mode(tokenizer):
+    model = _simoe().train()
+    generate(model, tokenizer, _chats(["Hi"]), max_new_tokens=2)
+    assert model.training
+
+
+def test_exact_match_rules():
+    assert exact_match(" 42. ", "42")
+    assert exact_match("d  i\n k", "d i k")
+    assert exact_match("4.2", "4.2")
+    assert not exact_match("42..", "42")  # only one trailing period goes
+    assert not exact_match("saturday", "Saturday")  # case-sensitive
+    assert not exact_match("The answer is 42", "42")
+
+
+def test_score_by_group():
+    records = _records(["a", "b", "c", "d"], ["g1", "g2", "g1", "g1"])
+    for r, answer in zip(records, ["1", "2", "3", "4"], strict=True):
+        r["messages"][-1]["content"] = answer
+    assert score_by_group(records, ["1", "2", "x", "4."]) == {"g1": 2 / 3, "g2": 1.0}
+    with pytest.raises(ValueError, match="record 1: field 'group'"):
+        score_by_group([records[0], {**records[1], "group": ""}], ["1", "2"])
+    with pytest.raises(ValueError, match="record 0: field 'messages'"):
+        score_by_group([{"messages": [{"role": "user", "content": "q"}], "group": "g"}], ["1"])
+
+
+def test_exact_match_by_group_scores_the_generations(tokenizer):
+    model = tiny_model("llama")
+    records = _records(PROMPTS, ["a", "b", "a", "b", "a"])
+    predictions = generate(model, tokenizer, _chats(PROMPTS), max_new_tokens=4)
+    for r, p in zip(records[:3], predictions, strict=False):
+        r["messages"][-1]["content"] = p  # these three are right, the other two ("x") wrong
+    assert exact_match_by_group(model, tokenizer, records, max_new_tokens=4, batch_size=2) == {
+        "a": 2 / 3, "b": 1 / 2}
+
+
+@pytest.mark.parametrize("router_input", ["embedding-mean", "hidden-mean"])
+def test_mean_routing_by_group_equals_manual_routing(tokenizer, router_input):
+    model = _simoe(router_input)
+    groups = ["a", "b", "a", "b", "a"]
+    records = _records(PROMPTS, groups)
+    got = mean_routing_by_group(model, tokenizer, records, batch_size=2)
+    with torch.no_grad():
+        rows = [model.route(torch.tensor([render_prompt(tokenizer, r["messages"][:-1])]))[0]
+                for r in records]
+    expected = {g: torch.stack([row for row, gg in zip(rows, groups, strict=True) if gg == g]).mean(0)
+                for g in ("a", "b")}
+    assert list(got) == ["a", "b"]
+    for g, row in expected.items():
+        assert torch.allclose(torch.tensor(got[g], dtype=torch.float32), row, atol=1e-5)
+        assert sum(got[g]) == pytest.approx(1.0)
+    assert not torch.allclose(expected["a"], expected["b"])
+
+
+def test_heatmap_png_and_json(tmp_path):
+    routing = {"add": [0.5, 0.25, 0.125, 0.125], "reverse the word": [0.0, 0.1, 0.2, 0.7]}
+    png = plot_routing_heatmap(routing, tmp_path / "plots" / "routing.png", title="test")
+    image = imread(png)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert json.loads(png.with_suffix(".json").read_text()) == routing
+    with pytest.raises(ValueError, match="same"):
+        plot_routing_heatmap({"a": [1.0], "b": [0.5, 0.5]}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="empty"):
+        plot_routing_heatmap({}, tmp_path / "bad.png")

@@ -26,7 +26,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 demo: install
-	$(PY) examples/quickstart.py
+	$(PY) examples/demo.py
 
 bench: install
 	$(PY) benchmarks/bench_forward_backward.py

@@ -186,20 +186,16 @@ def bench_model(args: argparse.Namespace) -> None:
             for _, layer in simoe.simoe_layers():
                 if isinstance(layer, SIMoELinear):
                     switch_off_columns(layer, 1.0 - density)
-        lagrangian = objectives.SparsityLagrangian.for_config(config)
+        regularizer = objectives.SIMoERegularizer(config, warmup_steps=0)  # what SIMoETrainer adds
         groups = simoe.parameter_groups()
         optimizer = torch.optim.AdamW(
             [{"params": groups["delta"], "lr": 1e-4}, {"params": groups["mask_logits"], "lr": 1e-2},
              {"params": groups["router"], "lr": 1e-3},
-             {"params": list(lagrangian.parameters()), "lr": 1e-2}]
+             {"params": list(regularizer.parameters()), "lr": 1e-2}]
         )
 
-        def simoe_loss(simoe=simoe, config=config, lagrangian=lagrangian) -> torch.Tensor:
-            nll = simoe(**batch).loss
-            density = objectives.constrained_density(simoe.simoe_layers(), config.sparsity_scope)
-            orth = objectives.orthogonality(simoe.simoe_layers())
-            return (nll + lagrangian(density, target=config.target_density)
-                    + config.orthogonality_weight * orth)
+        def simoe_loss(simoe=simoe, regularizer=regularizer) -> torch.Tensor:
+            return simoe(**batch).loss + regularizer(simoe.simoe_layers(), step=0)[0]
 
         name = f"SIMoE M={args.experts}" + ("" if density == 1.0 else f", {density:.0%} dense")
         add(name, simoe, optimizer, simoe_loss, simoe.clamp_mask_logits_)

@@ -79,8 +79,8 @@ def main(argv: list[str]) -> None:
 
     out = training_args.output_dir
     routing = mean_routing_by_group(model, tokenizer, evaluation)
-    png = plot_routing_heatmap(routing, os.path.join(out, "routing_heatmap.png"),
-                               title="SIMoE demo: mean router coefficient per task family")
+    png = os.path.join(out, "routing_heatmap.png")
+    plot_routing_heatmap(routing, png, title="SIMoE demo: mean router coefficient per task family")
     results = {"base_exact_match": base_em, "simoe_exact_match": simoe_em,
                "held_out": synthetic_tasks.HELD_OUT, "sparsity": report, "mean_routing": routing,
                "seconds": time.time() - start}

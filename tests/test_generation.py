@@ -1,15 +1,12 @@
-import json
 import string
 
 import pytest
 import torch
 from conftest import randomize_experts, tiny_model
-from matplotlib.image import imread
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
 from simoe import SIMoEConfig, upcycle
-from simoe.analysis import mean_routing_by_group, plot_routing_heatmap
 from simoe.data import render_prompt
 from simoe.generation import exact_match, exact_match_by_group, generate, score_by_group
 
@@ -113,33 +110,3 @@ def test_exact_match_by_group_scores_the_generations(tokenizer):
         r["messages"][-1]["content"] = p  # these three are right, the other two ("x") wrong
     assert exact_match_by_group(model, tokenizer, records, max_new_tokens=4, batch_size=2) == {
         "a": 2 / 3, "b": 1 / 2}
-
-
-@pytest.mark.parametrize("router_input", ["embedding-mean", "hidden-mean"])
-def test_mean_routing_by_group_equals_manual_routing(tokenizer, router_input):
-    model = _simoe(router_input)
-    groups = ["a", "b", "a", "b", "a"]
-    records = _records(PROMPTS, groups)
-    got = mean_routing_by_group(model, tokenizer, records, batch_size=2)
-    with torch.no_grad():
-        rows = [model.route(torch.tensor([render_prompt(tokenizer, r["messages"][:-1])]))[0]
-                for r in records]
-    expected = {g: torch.stack([row for row, gg in zip(rows, groups, strict=True) if gg == g]).mean(0)
-                for g in ("a", "b")}
-    assert list(got) == ["a", "b"]
-    for g, row in expected.items():
-        assert torch.allclose(torch.tensor(got[g], dtype=torch.float32), row, atol=1e-5)
-        assert sum(got[g]) == pytest.approx(1.0)
-    assert not torch.allclose(expected["a"], expected["b"])
-
-
-def test_heatmap_png_and_json(tmp_path):
-    routing = {"add": [0.5, 0.25, 0.125, 0.125], "reverse the word": [0.0, 0.1, 0.2, 0.7]}
-    png = plot_routing_heatmap(routing, tmp_path / "plots" / "routing.png", title="test")
-    image = imread(png)
-    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
-    assert json.loads(png.with_suffix(".json").read_text()) == routing
-    with pytest.raises(ValueError, match="same"):
-        plot_routing_heatmap({"a": [1.0], "b": [0.5, 0.5]}, tmp_path / "bad.png")
-    with pytest.raises(ValueError, match="empty"):
-        plot_routing_heatmap({}, tmp_path / "bad.png")

@@ -78,3 +78,46 @@ def train_without_dropout(model) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0  # some attention code reads .p under the parent's training flag
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def char_tokenizer(chat_template: str | None = CHATML_TEMPLATE):
+    """A character-level tokenizer whose ids fit the tiny models' vocabulary (pad 0, bos 1, eos 2).
+
+    Letters, digits, whitespace and most ASCII punctuation; any other character is <unk>.
+    """
+    import string
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+    chars = list(string.ascii_letters + string.digits + " \n" + "!\"#$%&'()*+,-./:;<=>?@[]_`")
+    vocab = {t: i for i, t in enumerate([*specials, *chars, "<unk>"])}
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|pad|>", bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", unk_token="<unk>", chat_template=chat_template)
+
+
+def save_tiny_checkpoint(root: Path, num_experts: int = 4) -> tuple[str, str]:
+    """(base dir, SIMoE checkpoint dir) under ``root``: a tiny llama and a randomized SIMoE upcycling of
+    it, each saved with :func:`char_tokenizer`; the checkpoint records the base dir as its base."""
+    from simoe import SIMoEConfig, upcycle
+
+    base_dir, ckpt_dir = root / "base", root / "ckpt"
+    tokenizer = char_tokenizer()
+    tiny_model("llama").save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    config = SIMoEConfig(num_experts=num_experts, base_model_name_or_path=str(base_dir))
+    model = upcycle(tiny_model("llama"), config)
+    randomize_experts(model)
+    model.save_pretrained(ckpt_dir)
+    tokenizer.save_pretrained(ckpt_dir)
+    return str(base_dir), str(ckpt_dir)

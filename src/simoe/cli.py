@@ -38,6 +38,200 @@ def train(argv: list[str]) -> None:
     run_train(*parse_train_args(argv))
 
 
+def generate(args: argparse.Namespace) -> None:
+    """Generate responses from a SIMoE checkpoint, a compact or merged export, or any causal LM."""
+    from transformers import set_seed
+
+    from simoe.data import render_prompt
+    from simoe.inference import generate_from_ids, load_prompts, resolve_routing
+
+    prompts = [([{"role": "user", "content": text}], f"--prompt {i + 1}")
+               for i, text in enumerate(args.prompt)]
+    if args.prompts_file:
+        prompts += load_prompts(args.prompts_file)
+    if not prompts:
+        raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE.jsonl")
+    model, tokenizer = _load(args, "checkpoint")
+    routing = resolve_routing(model, tokenizer, args.routing, args.batch_size) if args.routing else None
+    if args.seed is not None:
+        set_seed(args.seed)
+    options = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "num_beams")
+               if getattr(args, k) is not None}  # unset: the model's generation_config decides
+    results = generate_from_ids(
+        model, tokenizer, [render_prompt(tokenizer, messages) for messages, _ in prompts], routing=routing,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, **options,
+    )
+    lines = []
+    for (messages, origin), out in zip(prompts, results, strict=True):
+        record = {"prompt": messages[-1]["content"], "response": out["response"], "origin": origin}
+        if out["routing"] is not None:
+            record["routing"] = out["routing"]
+        lines.append(json.dumps(record, ensure_ascii=False))
+    print("\n".join(lines))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def export(args: argparse.Namespace) -> None:
+    """Export a SIMoE checkpoint: compact (SIMoE inference) or merged under a fixed routing (plain HF)."""
+    from simoe.export import save_compact, save_merged
+    from simoe.inference import resolve_routing
+    from simoe.model import SIMoEModel
+
+    if args.mode == "merged" and not args.routing:
+        raise ValueError("--mode merged needs --routing expert:K, weights:w1,...,wM or dataset:FILE")
+    if args.mode == "compact" and args.routing:
+        raise ValueError("--routing is for --mode merged; a compact export keeps the router")
+    model, tokenizer = _load(args, "checkpoint")
+    if not isinstance(model, SIMoEModel):
+        raise ValueError(f"{args.checkpoint} is not a SIMoE checkpoint or compact export "
+                         "(no simoe_config.json)")
+    if args.mode == "compact":
+        report = save_compact(model, args.output_dir)
+        tokenizer.save_pretrained(args.output_dir)
+        print(json.dumps(report, indent=2))
+        return
+    routing = resolve_routing(model, tokenizer, args.routing, args.batch_size, args.data_format)
+    save_merged(model, routing, args.output_dir, tokenizer=tokenizer)
+    print(json.dumps({"output_dir": args.output_dir, "routing": routing.tolist()}, indent=2))
+
+
+def eval_sni(args: argparse.Namespace) -> None:
+    """Super-NaturalInstructions: ROUGE-L and exact match, per task and category (official protocol)."""
+    from simoe.evaluation import evaluate_sni
+
+    model, tokenizer = _load(args, "model")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    summary = evaluate_sni(model, tokenizer, args.data, args.output_dir, split=args.split,
+                           max_instances=args.max_instances, tasks=tasks,
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    print(json.dumps(summary, indent=2))
+
+
+def eval_perplexity(args: argparse.Namespace) -> None:
+    """Perplexity of the response tokens of any training data, token-weighted."""
+    from simoe.evaluation import evaluate_perplexity
+
+    model, tokenizer = _load(args, "model")
+    summary = evaluate_perplexity(
+        model, tokenizer, args.data, args.output_dir, batch_size=args.batch_size,
+        max_seq_length=args.max_seq_length, data_format=args.data_format, split=args.split,
+        max_instances_per_task=args.max_instances_per_task, prompt_field=args.prompt_field,
+        response_field=args.response_field,
+    )
+    print(json.dumps(summary, indent=2))
+
+
+def eval_lm_eval(args: argparse.Namespace) -> None:
+    """EleutherAI lm-evaluation-harness tasks on a SIMoE checkpoint (needs simoe.lm_eval_model, lm-eval)."""
+    try:
+        from simoe.lm_eval_model import evaluate
+    except ModuleNotFoundError as e:
+        raise ImportError(f"cannot import {e.name!r}: simoe eval lm-eval needs the simoe.lm_eval_model "
+                          "module and the lm-eval package (pip install lm-eval)") from e
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("--tasks names no task")
+    results = evaluate(args.checkpoint, tasks, args.output_dir, batch_size=args.batch_size, limit=args.limit,
+                       include_path=args.include_path, num_fewshot=args.num_fewshot)
+    print(json.dumps(results, indent=2, default=str))
+
+
+MODEL_HELP = "SIMoE checkpoint or compact export directory, HF model directory, hub id or built-in name"
+
+
+def _load(args: argparse.Namespace, name: str):
+    """(model, tokenizer) from ``args.<name>`` on ``--device`` (default: cuda when available)."""
+    import torch
+
+    from simoe.inference import load_for_inference
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_for_inference(getattr(args, name), args.dtype, device)
+
+
+def _add_loading(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
+                   help="dtype of the base weights (default: transformers' default)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+
+
+def _add_generate(commands) -> None:
+    p = commands.add_parser("generate", help=generate.__doc__, description=generate.__doc__)
+    p.add_argument("--checkpoint", required=True, help=MODEL_HELP)
+    p.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
+    p.add_argument("--prompts_file", help="JSON Lines: records of a training format, or {\"prompt\": ...}; "
+                   "a final assistant turn is dropped")
+    p.add_argument("--routing", help="fixed routing instead of the router's: expert:K (0-based), "
+                   "weights:w1,...,wM or dataset:FILE (mean routing of its prompts); SIMoE models only")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top_p", type=float)
+    p.add_argument("--top_k", type=int)
+    p.add_argument("--num_beams", type=int)
+    p.add_argument("--seed", type=int, help="seed of the sampling")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--output", help="also write the JSON lines to this file")
+    _add_loading(p)
+    p.set_defaults(job=generate, name="generate")
+
+
+def _add_export(commands) -> None:
+    p = commands.add_parser("export", help=export.__doc__, description=export.__doc__)
+    p.add_argument("--checkpoint", required=True, help="SIMoE checkpoint (or compact export) directory")
+    p.add_argument("--mode", required=True, choices=["merged", "compact"])
+    p.add_argument("--routing", help="merged: expert:K (0-based), weights:w1,...,wM (normalised to sum 1) "
+                   "or dataset:FILE (mean routing of the file's prompts)")
+    p.add_argument("--data_format", help="format of the dataset:FILE records (detected when omitted)")
+    p.add_argument("--batch_size", type=int, default=16, help="prompts routed at once for dataset:FILE")
+    p.add_argument("--output_dir", required=True)
+    _add_loading(p)
+    p.set_defaults(job=export, name="export")
+
+
+def _add_eval(commands) -> None:
+    p = commands.add_parser("eval", help="evaluate a model: sni, perplexity, lm-eval")
+    kinds = p.add_subparsers(dest="eval_command", required=True)
+    s = kinds.add_parser("sni", help=eval_sni.__doc__, description=eval_sni.__doc__)
+    s.add_argument("--model", required=True, help=MODEL_HELP)
+    s.add_argument("--data", required=True,
+                   help="SNI directory (tasks/*.json, splits/{train,test}_tasks.txt)")
+    s.add_argument("--split", default="test", choices=["test", "train"])
+    s.add_argument("--max_instances", type=int, help="first N instances of each task")
+    s.add_argument("--tasks", help="comma-separated task names to keep")
+    s.add_argument("--max_new_tokens", type=int, default=128)
+    s.add_argument("--batch_size", type=int, default=8)
+    s.add_argument("--output_dir", required=True)
+    _add_loading(s)
+    s.set_defaults(job=eval_sni, name="eval sni")
+
+    s = kinds.add_parser("perplexity", help=eval_perplexity.__doc__, description=eval_perplexity.__doc__)
+    s.add_argument("--model", required=True, help=MODEL_HELP)
+    s.add_argument("--data", required=True, help="any training data source (file, SNI directory, HF dataset)")
+    s.add_argument("--data_format", help="alpaca, chat, prompt_completion or sni (detected when omitted)")
+    s.add_argument("--split")
+    s.add_argument("--max_seq_length", type=int, help="default: the model's context length")
+    s.add_argument("--max_instances_per_task", type=int)
+    s.add_argument("--prompt_field")
+    s.add_argument("--response_field")
+    s.add_argument("--batch_size", type=int, default=4)
+    s.add_argument("--output_dir", required=True)
+    _add_loading(s)
+    s.set_defaults(job=eval_perplexity, name="eval perplexity")
+
+    s = kinds.add_parser("lm-eval", help=eval_lm_eval.__doc__, description=eval_lm_eval.__doc__)
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    s.add_argument("--output_dir", required=True)
+    s.add_argument("--limit", type=int)
+    s.add_argument("--include_path", help="directory of extra lm-eval task YAMLs")
+    s.add_argument("--num_fewshot", type=int)
+    s.add_argument("--batch_size", type=int, default=8)
+    s.set_defaults(job=eval_lm_eval, name="eval lm-eval")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # its own HfArgumentParser (TrainingArguments has ~100 options)
@@ -49,13 +243,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("model_name_or_path", help="Hugging Face hub id or local directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     add_config_arguments(p)
+    p.set_defaults(job=inspect, name="inspect")
+    _add_generate(commands)
+    _add_export(commands)
+    _add_eval(commands)
     args = parser.parse_args(argv)
-    _run(args.command, lambda: {"inspect": inspect}[args.command](args))
+    _run(args.name, lambda: args.job(args))
 
 
 def _run(command: str, job) -> None:
     try:
         job()
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, ImportError) as e:
         print(f"simoe {command}: error: {e}", file=sys.stderr)
         sys.exit(2)

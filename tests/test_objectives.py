@@ -66,14 +66,15 @@ def test_lagrangian_ascends_multipliers():
     opt = torch.optim.SGD(lag.parameters(), lr=0.1)
     lag(torch.tensor([0.9, 0.1]), target=0.5).backward()
     opt.step()
-    # ascent: λ1 grows where the constraint is violated upward, shrinks where downward
-    assert lag.lambda1.tolist() == pytest.approx([0.04, -0.04])
-    assert lag.lambda2.tolist() == pytest.approx([0.016, 0.016])
+    # ascent where the budget d <= t is exceeded; a density under budget leaves λ alone
+    assert lag.lambda1.tolist() == pytest.approx([0.04, 0.0])
+    assert lag.lambda2.tolist() == pytest.approx([0.016, 0.0])
 
 
 @pytest.mark.parametrize("scope", ["union", "expert"])
 def test_lagrangian_alone_reaches_target_density(scope):
-    """With only the sparsity term, expected density settles on the target (±0.02)."""
+    """With only the sparsity term, expected density falls to the budget (and, with nothing pulling
+    it back up, at most a little below it: Adam's momentum); test_train.py shows it settling with the NLL."""
     config = SIMoEConfig(num_experts=4, target_sparsity=0.75, sparsity_scope=scope)
     model = upcycle(tiny_model("llama"), config)
     layers = list(model.simoe_layers())
@@ -92,7 +93,7 @@ def test_lagrangian_alone_reaches_target_density(scope):
         model.clamp_mask_logits_()
     expert, union = objectives.expected_density(layers)
     reached = union if scope == "union" else expert
-    assert (reached - 0.25).abs().max().item() <= 0.02, reached
+    assert reached.max().item() <= 0.26 and reached.min().item() >= 0.15, reached
 
 
 def test_one_optimizer_step_moves_simoe_tensors_only():

@@ -78,3 +78,29 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     accumulated = _train(tmp_path / "acc", max_steps=3, batch=2, accumulation=2)
     for step in whole:
         _same(whole[step], accumulated[step])
+
+
+def test_training_lowers_the_nll_and_meets_the_sparsity_target(tmp_path):
+    from train_tiny import collate, dataset
+    from transformers import set_seed
+
+    from simoe import SIMoEConfig, upcycle
+    from simoe.train import SIMoETrainer, SIMoETrainingArguments
+
+    set_seed(0)
+    from conftest import tiny_model, train_without_dropout
+
+    model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=4, target_sparsity=0.6))
+    train_without_dropout(model)
+    args = SIMoETrainingArguments(
+        output_dir=str(tmp_path), max_steps=200, per_device_train_batch_size=8, learning_rate=3e-3,
+        mask_learning_rate=0.1, lagrangian_learning_rate=0.1, sparsity_warmup_steps=0.3, logging_steps=20,
+        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = SIMoETrainer(model, args, train_dataset=dataset(96), data_collator=collate)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "nll" in h]
+    assert logs[-1]["nll"] < 0.75 * logs[0]["nll"]
+    assert logs[-1]["density/union_expected"] == pytest.approx(0.4, abs=0.03)
+    assert logs[-1]["router_temperature"] == pytest.approx(model.simoe_config.router_min_temperature)
+    # the deterministic (inference) union follows the expected one
+    assert model.sparsity_report()["union"]["deterministic_density"] < 0.5

@@ -88,8 +88,13 @@ def _reverse_grad(grad: torch.Tensor) -> torch.Tensor:
 
 
 class SparsityLagrangian(nn.Module):
-    """λ1 (d - t) + λ2 (d - t)², summed over constraints, with λ maximised.
+    """λ1 g + λ2 g², g = max(d - t, 0), summed over constraints, with λ maximised.
 
+    The constraint is the budget d <= t (CoFi's form has g = d - t, an equality). With the
+    equality, a model below its target is pushed to densify, and while t warms up from 1.0 the
+    initial density (< 1) drove λ1 negative and the density *up*, so the multipliers wound up in
+    the wrong direction before the target even fell; the budget form has neither problem and
+    settles at d ≈ t from above (tested in test_train.py).
     The multipliers' gradients are negated by a hook, so any ordinary optimizer performing
     descent on the total loss performs *ascent* on λ (CoFi pruning uses a negative lr instead,
     which torch's optimizers reject). One pair of λ per expert (scope "expert") or one pair for
@@ -108,7 +113,7 @@ class SparsityLagrangian(nn.Module):
         return cls(1 if config.sparsity_scope == "union" else config.num_experts)
 
     def forward(self, density: torch.Tensor, target: float) -> torch.Tensor:
-        gap = density.reshape(-1) - target
+        gap = (density.reshape(-1) - target).clamp_min(0.0)  # d <= t: an inequality, see the docstring
         if gap.numel() != self.lambda1.numel():
             raise ValueError(f"{gap.numel()} densities for {self.lambda1.numel()} constraints")
         return (self.lambda1 * gap + self.lambda2 * gap.pow(2)).sum()

@@ -230,3 +230,27 @@ def test_analyze_writes_pngs_and_jsons_equal_to_the_returned_numbers(tmp_path, t
     assert summary["nonzero_share"] == model.sparsity_report()["union"]["deterministic_density"]
     overlap = np.array(result["overlap"]["overlap"])
     assert summary["mean_overlap"] == pytest.approx((overlap.sum() - 3) / 6)
+
+
+def test_analyze_command_writes_the_three_analyses(tmp_path):
+    from conftest import save_tiny_checkpoint
+
+    from simoe.cli import main
+    from simoe.data import load_records
+    from simoe.inference import load_for_inference
+
+    _, ckpt = save_tiny_checkpoint(tmp_path)
+    rows = [{"instruction": f"{verb} {i}", "output": "ok", "task": verb} for verb in ("add", "sort", "echo")
+            for i in range(4)]
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "analysis"
+    main(["analyze", "--checkpoint", ckpt, "--data", str(data), "--output_dir", str(out)])
+    for name in ("routing_heatmap", "expert_overlap", "nonzero_share"):
+        assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.json").is_file()
+    model, tokenizer = load_for_inference(ckpt)
+    expected = mean_routing_by_group(model, tokenizer, load_records(str(data)))
+    written = json.loads((out / "routing_heatmap.json").read_text())["mean_routing"]
+    assert written.keys() == expected.keys() == {"add", "sort", "echo"}
+    for group, row in expected.items():
+        assert written[group] == pytest.approx(row, abs=1e-6)

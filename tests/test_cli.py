@@ -48,4 +48,20 @@ def test_help_documents_every_option(capsys):
         main(["inspect", "--help"])
     text = capsys.readouterr().out
     for f in dataclasses.fields(SIMoEConfig):
-        assert f"--{f.name}" in text
+        if f.name != "base_model_name_or_path":  # recorded from the model argument, not an option
+            assert f"--{f.name}" in text
+    assert "--base_model_name_or_path" not in text
+
+
+def test_train_help_documents_every_option(capsys):
+    from simoe.baselines import BaselineConfig
+    from simoe.pipeline import DataArguments, ModelArguments
+    from simoe.train import SIMoETrainingArguments
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for cls in (ModelArguments, DataArguments, SIMoETrainingArguments, SIMoEConfig, BaselineConfig):
+        for f in dataclasses.fields(cls):
+            if f.name != "base_model_name_or_path" and f.init and not f.name.startswith("_"):
+                assert f"--{f.name}" in text, (cls.__name__, f.name)

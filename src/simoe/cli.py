@@ -138,6 +138,22 @@ def eval_lm_eval(args: argparse.Namespace) -> None:
     print(json.dumps(results, indent=2, default=str))
 
 
+def analyze(args: argparse.Namespace) -> None:
+    """The paper's analyses of a SIMoE checkpoint: routing per task (with a dendrogram), expert overlap,
+    non-zero share by layer depth and module type (PNG + JSON)."""
+    from simoe.analysis import analyze as run_analyses
+    from simoe.data import load_records
+    from simoe.model import SIMoEModel
+
+    model, tokenizer = _load(args, "checkpoint")
+    if not isinstance(model, SIMoEModel):
+        raise ValueError(f"{args.checkpoint} is not a SIMoE checkpoint or compact export")
+    records = load_records(args.data, data_format=args.data_format, split=args.split,
+                           max_instances_per_task=args.max_instances_per_task)
+    result = run_analyses(model, tokenizer, records, args.output_dir, batch_size=args.batch_size)
+    print(json.dumps({"summary": result["summary"], "files": result["files"]}, indent=2, default=str))
+
+
 MODEL_HELP = "SIMoE checkpoint or compact export directory, HF model directory, hub id or built-in name"
 
 
@@ -232,6 +248,28 @@ def _add_eval(commands) -> None:
     s.set_defaults(job=eval_lm_eval, name="eval lm-eval")
 
 
+def compare(args: argparse.Namespace) -> None:
+    """The side-by-side study: base, full, LoRA, sparse upcycling, SMEAR and SIMoE trained alike, scored
+    with `simoe eval sni`; writes results.json, a bar chart and a Markdown table (resumable)."""
+    from simoe.compare import run_compare
+
+    print(json.dumps(run_compare(args.config), indent=2))
+
+
+def _add_analyze(commands) -> None:
+    p = commands.add_parser("analyze", help=analyze.__doc__, description=analyze.__doc__)
+    p.add_argument("--checkpoint", required=True, help="SIMoE checkpoint or compact export directory")
+    p.add_argument("--data", required=True, help="records with a task group (e.g. an SNI directory)")
+    p.add_argument("--data_format", default=None, help="alpaca, chat, prompt_completion or sni (detected)")
+    p.add_argument("--split", default=None, help="SNI: train or test tasks")
+    p.add_argument("--max_instances_per_task", type=int, default=20,
+                   help="prompts per task used for the mean routing (default 20)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--output_dir", required=True)
+    _add_loading(p)
+    p.set_defaults(job=analyze, name="analyze")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # its own HfArgumentParser (TrainingArguments has ~100 options)
@@ -247,6 +285,10 @@ def main(argv: list[str] | None = None) -> None:
     _add_generate(commands)
     _add_export(commands)
     _add_eval(commands)
+    _add_analyze(commands)
+    p = commands.add_parser("compare", help=compare.__doc__, description=compare.__doc__)
+    p.add_argument("--config", required=True, help="YAML study config, e.g. configs/compare_smollm2_sni.yaml")
+    p.set_defaults(job=compare, name="compare")
     args = parser.parse_args(argv)
     _run(args.name, lambda: args.job(args))
 
@@ -254,6 +296,10 @@ def main(argv: list[str] | None = None) -> None:
 def _run(command: str, job) -> None:
     try:
         job()
-    except (ValueError, FileNotFoundError, OSError, ImportError) as e:
+    except (ValueError, FileNotFoundError, OSError, ImportError, RuntimeError) as e:
         print(f"simoe {command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from simoe.baselines.smear import CONFIG_NAME as SMEAR_CONFIG_NAME
+from simoe.baselines.smear import SMEARModel
 from simoe.config import CONFIG_NAME, WEIGHTS_NAME, SIMoEConfig
 from simoe.data import check_messages, detect_format, load_records, normalize_record, render_prompt
 from simoe.export import COMPACT_WEIGHTS_NAME, load_compact, mean_routing, parse_routing
@@ -46,7 +48,17 @@ def load_for_inference(
     The tokenizer of a SIMoE directory is its own when it holds one, else the base's.
     """
     path = Path(model).expanduser()
-    if not (path / CONFIG_NAME).is_file():
+    if (path / SMEAR_CONFIG_NAME).is_file():  # a SMEAR baseline (simoe train --method smear)
+        loaded = SMEARModel.from_pretrained(path, dtype=dtype)
+        tokenizer = _tokenizer(path, loaded.options.base_model_name_or_path)
+    elif (path / "adapter_config.json").is_file():  # a LoRA baseline: PEFT adapter, merged for inference
+        from peft import PeftConfig, PeftModel
+
+        base_name = PeftConfig.from_pretrained(path).base_model_name_or_path
+        base, _ = load_model_and_tokenizer(base_name, dtype=dtype)
+        loaded = PeftModel.from_pretrained(base, path).merge_and_unload()
+        tokenizer = _tokenizer(path, base_name)
+    elif not (path / CONFIG_NAME).is_file():  # full / sparse-upcycling outputs, merged exports, any HF model
         loaded, tokenizer = load_model_and_tokenizer(os.fspath(model), dtype=dtype)
     else:
         config = SIMoEConfig.from_pretrained(path)
@@ -65,6 +77,13 @@ def load_for_inference(
     if device is not None:
         loaded.to(device)
     return loaded.eval(), tokenizer
+
+
+def _tokenizer(path: Path, base_name: str) -> PreTrainedTokenizerBase:
+    """The directory's own tokenizer (training saves it), else the base's."""
+    if any((path / name).is_file() for name in TOKENIZER_FILES):
+        return AutoTokenizer.from_pretrained(path)
+    return load_model_and_tokenizer(base_name)[1]
 
 
 # ---------------------------------------------------------------------------- prompts

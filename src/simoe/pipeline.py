@@ -17,12 +17,18 @@ from dataclasses import dataclass, field
 import yaml
 from transformers import HfArgumentParser, set_seed
 
+from simoe.baselines import METHODS, BaselineConfig, build, parameter_counts
 from simoe.config import SIMoEConfig
-from simoe.train import SIMoETrainer, SIMoETrainingArguments
+from simoe.train import BaselineTrainer, SIMoETrainer, SIMoETrainingArguments
 
 
 @dataclass
 class ModelArguments:
+    method: str = field(
+        default="simoe",
+        metadata={"help": "simoe, or a baseline trained the same way: full, lora, sparse-upcycling, smear.",
+                  "choices": list(METHODS)},
+    )
     model_name_or_path: str = field(
         default="smollm2-135m-instruct",
         metadata={"help": "Hugging Face hub id, local directory, or a built-in offline name "
@@ -82,10 +88,16 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--field`` per SIMoEConfig field, documented by the field's help text."""
-    group = parser.add_argument_group("SIMoE options (SIMoEConfig)")
-    for f in dataclasses.fields(SIMoEConfig):
+_RECORDED = "base_model_name_or_path"  # set from --model_name_or_path, never by hand
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type = SIMoEConfig) -> None:
+    """One ``--field`` per field of ``cls`` (SIMoEConfig or BaselineConfig), with its help text."""
+    title = "SIMoE options (SIMoEConfig)" if cls is SIMoEConfig else "baseline options (BaselineConfig)"
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        if f.name == _RECORDED:
+            continue
         help_text = f"{f.metadata.get('help', '')} (default: {f.default})".replace("%", "%%")
         if f.name == "target_modules":
             group.add_argument("--target_modules", nargs="+", default=None, help=help_text)
@@ -93,17 +105,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(f"--{f.name}", type=_parse_bool, default=None, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-            group.add_argument(f"--{f.name}", type=kind, default=None, help=help_text)
+            group.add_argument(f"--{f.name}", type=kind, default=None, help=help_text,
+                               choices=f.metadata.get("choices"))
 
 
-def config_from_args(args: argparse.Namespace) -> SIMoEConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SIMoEConfig)}
+def config_from_args(args: argparse.Namespace, cls: type = SIMoEConfig):
+    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
     values = {k: v for k, v in values.items() if v is not None}
     targets = values.get("target_modules")
     # One value that is 'all-linear' or a regex stays a string; plain names make a list.
     if targets and len(targets) == 1 and not (_PLAIN_NAME.match(targets[0]) and targets[0] != "all-linear"):
         values["target_modules"] = targets[0]
-    return SIMoEConfig(**values)
+    return cls(**values)
 
 
 def build_parser() -> HfArgumentParser:
@@ -113,14 +126,18 @@ def build_parser() -> HfArgumentParser:
         description="Upcycle a causal LM with SIMoE and instruction-tune it (transformers.Trainer).",
     )
     parser.add_argument("--config", default=None, help="YAML file of defaults for any option below.")
-    add_config_arguments(parser)
+    add_config_arguments(parser, SIMoEConfig)
+    add_config_arguments(parser, BaselineConfig)
     return parser
 
 
 def parse_train_args(
     argv: list[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, SIMoEConfig, SIMoETrainingArguments]:
-    """Parse ``--config FILE`` (YAML defaults) and ``--key value`` overrides into the four dataclasses."""
+) -> tuple[ModelArguments, DataArguments, SIMoEConfig | BaselineConfig, SIMoETrainingArguments]:
+    """Parse ``--config FILE`` (YAML defaults) and ``--key value`` overrides into four dataclasses.
+
+    The third is the method's options: a SIMoEConfig for ``--method simoe``, else a BaselineConfig.
+    """
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
@@ -132,7 +149,8 @@ def parse_train_args(
     )
     if isinstance(getattr(rest, "target_modules", None), str):  # a YAML string, not CLI tokens
         rest.target_modules = [rest.target_modules]
-    return model_args, data_args, config_from_args(rest), training_args
+    cls = SIMoEConfig if model_args.method == "simoe" else BaselineConfig
+    return model_args, data_args, config_from_args(rest, cls), training_args
 
 
 def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
@@ -150,16 +168,27 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
     return values
 
 
+def peak_memory_mb() -> float:
+    """Peak accelerator memory allocated by torch when training on one, else the process's peak RSS."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
 def run_train(
     model_args: ModelArguments,
     data_args: DataArguments,
-    config: SIMoEConfig,
+    config: SIMoEConfig | BaselineConfig,
     training_args: SIMoETrainingArguments,
-) -> SIMoETrainer:
-    """Load the base, upcycle it, tokenize the data, train, and save the result to ``output_dir``."""
+) -> SIMoETrainer | BaselineTrainer:
+    """Load the base, build the method's model (upcycle it, for SIMoE), tokenize the data, train,
+    and save the result to ``output_dir``."""
     from simoe.data import SIMoECollator, build_dataset
     from simoe.hub import load_model_and_tokenizer
-    from simoe.model import upcycle
 
     if not data_args.data:
         raise ValueError("no training data: pass --data (or `data:` in the --config file)")
@@ -169,7 +198,7 @@ def run_train(
         attn_implementation=model_args.attn_implementation,
     )
     config = dataclasses.replace(config, base_model_name_or_path=model_args.model_name_or_path)
-    model = upcycle(base, config)
+    model = build(model_args.method, base, config)
     with training_args.main_process_first(desc="tokenizing"):
         dataset, stats = build_dataset(
             data_args.data, tokenizer, data_format=data_args.data_format,
@@ -178,15 +207,19 @@ def run_train(
             prompt_field=data_args.prompt_field, response_field=data_args.response_field,
             skip_bad_records=data_args.skip_bad_records, seed=training_args.seed,
         )
-    trainer = SIMoETrainer(
+    trainer_cls = SIMoETrainer if model_args.method == "simoe" else BaselineTrainer
+    trainer = trainer_cls(
         model, training_args, train_dataset=dataset, data_collator=SIMoECollator(tokenizer),
         processing_class=tokenizer,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if training_args.should_save:
-        summary = {"data": stats, "sparsity": model.sparsity_report(),
-                   "log_history": trainer.state.log_history}
+        summary = {"method": model_args.method, "data": stats, "parameters": parameter_counts(model),
+                   "seconds_per_step": result.metrics["train_runtime"] / max(1, result.global_step),
+                   "peak_memory_mb": peak_memory_mb(), "log_history": trainer.state.log_history}
+        if model_args.method == "simoe":
+            summary["sparsity"] = model.sparsity_report()
         with open(os.path.join(training_args.output_dir, "train_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return trainer

@@ -78,7 +78,39 @@ class _AfterOptimizerStep(TrainerCallback):
         self.regularizer.zero_grad(set_to_none=True)
 
 
-class SIMoETrainer(Trainer):
+class _StagedCheckpoints:
+    """Checkpoints are written into ``OUT/.staging/`` and renamed into place once complete, so a
+    crash mid-save never leaves a checkpoint that looks whole (Trainer writes in place)."""
+
+    def _get_output_dir(self, trial) -> str:
+        staging = getattr(self, "_staging_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint into a hidden staging folder, then rename it into place."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging_dir = os.path.join(run_dir, _STAGING)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state
+        if self.args.should_save:
+            staging, final = os.path.join(run_dir, _STAGING), os.path.join(run_dir, name)
+            if os.path.exists(final):  # re-saving a step (e.g. the final save after a resume)
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.state.best_model_checkpoint:
+                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(staging, run_dir)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+
+
+class SIMoETrainer(_StagedCheckpoints, Trainer):
     """``Trainer`` for a :class:`SIMoEModel`; use it exactly like ``Trainer``.
 
     Batches carry ``input_ids``, ``attention_mask``, ``labels`` and ``prompt_mask`` (what the
@@ -232,28 +264,55 @@ class SIMoETrainer(Trainer):
         if path and os.path.isfile(path):
             self.accelerator.unwrap_model(self.model).gate_generator.set_state(load_file(path)["state"])
 
-    def _get_output_dir(self, trial) -> str:
-        staging = getattr(self, "_staging_dir", None)
-        return staging if staging is not None else super()._get_output_dir(trial)
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """Write the checkpoint into a hidden staging folder, then rename it into place."""
-        run_dir = super()._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        self._staging_dir = os.path.join(run_dir, _STAGING)
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_dir = None
-        self.accelerator.wait_for_everyone()  # every rank has written its RNG state
+class BaselineTrainer(_StagedCheckpoints, Trainer):
+    """``Trainer`` for the baselines (``simoe.baselines``) on the same batches as SIMoE.
+
+    Plain HF and PEFT models take no ``prompt_mask``, so it is dropped for them; SMEAR routes on it
+    and trains its experts at ``learning_rate`` and its router at ``router_learning_rate``, and
+    saves only its own tensors. Everything else is ``Trainer`` as is (sparse upcycling's MoE adds
+    its load-balancing loss in train mode).
+    """
+
+    def __init__(self, model, args: SIMoETrainingArguments, **kwargs):
+        from simoe.baselines.smear import SMEARModel
+
+        self.routes_on_prompt = isinstance(model, SMEARModel)
+        super().__init__(model=model, args=args, **kwargs)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if "prompt_mask" not in self._signature_columns:  # the collator pads it; compute_loss drops it
+            self._signature_columns.append("prompt_mask")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.routes_on_prompt:
+            inputs = {k: v for k, v in inputs.items() if k != "prompt_mask"}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None and self.routes_on_prompt:
+            a, groups = self.args, self.model.parameter_groups()
+            param_groups = [
+                {"params": groups["experts"], "lr": a.learning_rate, "weight_decay": a.weight_decay},
+                {"params": groups["router"], "lr": a.router_learning_rate or a.learning_rate,
+                 "weight_decay": a.weight_decay},
+            ]
+            optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(a, self.model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return super().create_optimizer(model)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.routes_on_prompt:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
-            staging, final = os.path.join(run_dir, _STAGING), os.path.join(run_dir, name)
-            if os.path.exists(final):  # re-saving a step (e.g. the final save after a resume)
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging, name), final)
-            shutil.rmtree(staging, ignore_errors=True)
-            if self.state.best_model_checkpoint:
-                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(staging, run_dir)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-        self.accelerator.wait_for_everyone()
+            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not self.routes_on_prompt:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.accelerator.unwrap_model(self.model).load_smear_weights(resume_from_checkpoint)

@@ -43,7 +43,8 @@ def generate(args: argparse.Namespace) -> None:
     from transformers import set_seed
 
     from simoe.data import render_prompt
-    from simoe.inference import generate_from_ids, load_prompts, resolve_routing
+    from simoe.generation import generate_from_ids
+    from simoe.inference import load_prompts, resolve_routing
 
     prompts = [([{"role": "user", "content": text}], f"--prompt {i + 1}")
                for i, text in enumerate(args.prompt)]

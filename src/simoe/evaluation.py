@@ -38,8 +38,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from simoe.data import SIMoECollator, build_dataset, load_sni_tasks, render_prompt, sni_prompt
-from simoe.generation import eval_mode
-from simoe.inference import context_length, generate_from_ids
+from simoe.generation import context_length, eval_mode, generate_from_ids
 from simoe.model import SIMoEModel
 
 TRACK = "default"

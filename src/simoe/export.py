@@ -29,7 +29,7 @@ from transformers.pytorch_utils import Conv1D
 from simoe import hard_concrete
 from simoe.config import SIMoEConfig
 from simoe.layer import SIMoELayer
-from simoe.model import SIMoEModel, _decoder_layers, upcycle
+from simoe.model import SIMoEModel, decoder_layers, upcycle
 
 COMPACT_WEIGHTS_NAME = "simoe_compact.safetensors"
 REPORT_NAME = "export_report.json"
@@ -89,7 +89,7 @@ def parameter_report(model: SIMoEModel) -> dict:
     total = base + delta + gates + router
 
     ffn = 0
-    for i, block in enumerate(_decoder_layers(model.base_model)):
+    for i, block in enumerate(decoder_layers(model.base_model)):
         found = [m for name, m in block.named_children() if _FFN_NAME.fullmatch(name)]
         if len(found) != 1:
             raise ValueError(f"decoder layer {i} of {type(model.base_model).__name__}: cannot find its "

@@ -1,6 +1,7 @@
 """Inference with whatever ``simoe`` wrote or loads: checkpoints, compact exports, plain HF models.
 
-:func:`load_for_inference` tells the three apart by their files; :func:`generate_from_ids` is batched
+:func:`load_for_inference` tells them apart by their files; batched generation from token ids is
+:func:`simoe.generation.generate_from_ids`.
 generation from token-id prompts that, for a SIMoE model, routes each prompt once (or uses a fixed
 routing) and returns the routing it used. The ``simoe generate`` and ``simoe export`` commands and
 :mod:`simoe.evaluation` are built on these.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from simoe.baselines.smear import SMEARModel
 from simoe.config import CONFIG_NAME, WEIGHTS_NAME, SIMoEConfig
 from simoe.data import check_messages, detect_format, load_records, normalize_record, render_prompt
 from simoe.export import COMPACT_WEIGHTS_NAME, load_compact, mean_routing, parse_routing
-from simoe.generation import _eos_ids, eval_mode, pad_left
+from simoe.generation import batches, pad_id_of
 from simoe.hub import load_model_and_tokenizer
 from simoe.model import SIMoEModel
 
@@ -130,24 +130,6 @@ def load_prompts(path: str | os.PathLike) -> list[tuple[list[dict], str]]:
     return prompts
 
 
-def _batches(prompts: Sequence[Sequence[int]], batch_size: int, pad_id: int) -> Iterator[dict]:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = pad_left(prompts[start:start + batch_size], pad_id)
-        # Every token of a rendered prompt is a prompt token: the router reads all unpadded ones.
-        yield {"input_ids": ids, "attention_mask": mask, "prompt_mask": mask}
-
-
-def _pad_id(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    eos = _eos_ids(model, tokenizer)
-    if not eos:
-        raise ValueError("the tokenizer has no pad token and neither it nor the model has an eos token")
-    return eos[0]
-
-
 # ---------------------------------------------------------------------------- routing
 def resolve_routing(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: str, batch_size: int = 16,
@@ -167,55 +149,4 @@ def resolve_routing(
         return routing
     records = load_records(routing, data_format=data_format)
     prompts = [render_prompt(tokenizer, first_prompt(r["messages"])) for r in records]
-    return mean_routing(model, _batches(prompts, batch_size, _pad_id(model, tokenizer)))
-
-
-# ---------------------------------------------------------------------------- generation
-@torch.no_grad()
-def generate_from_ids(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[Sequence[int]],
-    *,
-    routing: torch.Tensor | None = None,
-    batch_size: int = 16,
-    max_new_tokens: int = 64,
-    **generate_kwargs,
-) -> list[dict]:
-    """``{"response": str, "routing": [M floats] | None}`` for every token-id prompt.
-
-    Prompts are left-padded in batches of ``batch_size`` and decoded greedily unless
-    ``generate_kwargs`` say otherwise (``do_sample``, ``temperature``, ``num_beams``...); generation stops
-    at the tokenizer's and the model's eos tokens, and only the new tokens are decoded (without special
-    tokens, stripped), as :func:`simoe.generation.generate` does. A SIMoE model routes each prompt once
-    (the routing is returned), or uses ``routing`` [M] for every prompt; a plain model takes no routing.
-    """
-    simoe = isinstance(model, SIMoEModel)
-    if routing is not None and not simoe:
-        raise ValueError(f"a fixed routing needs a SIMoE model, not a plain {type(model).__name__}")
-    eos = _eos_ids(model, tokenizer)
-    if not eos:
-        raise ValueError("neither the tokenizer nor the model's generation_config has an eos token")
-    pad_id = _pad_id(model, tokenizer)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad_id)
-    kwargs.update(generate_kwargs)
-    device = next(model.parameters()).device
-    results = []
-    with eval_mode(model):
-        for batch in _batches(prompts, batch_size, pad_id):
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            r = None
-            if simoe:  # what SIMoEModel.generate does, made explicit so the routing can be reported
-                r = model.route(ids, mask) if routing is None else routing.to(device).expand(len(ids), -1)
-                out = model.generate(input_ids=ids, attention_mask=mask, routing=r, **kwargs)
-            else:
-                out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-            texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-            for i, text in enumerate(texts):
-                results.append({"response": text.strip(), "routing": None if r is None else r[i].tolist()})
-    return results
-
-
-def context_length(model: nn.Module) -> int | None:
-    """The longest sequence the model's positions cover (``max_position_embeddings``), if it says."""
-    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return mean_routing(model, batches(prompts, batch_size, pad_id_of(model, tokenizer)))

@@ -23,7 +23,8 @@ class _StopForward(Exception):
     """Raised by a hook to end the base model's forward once the router's layer has run."""
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The base model's stack of decoder blocks (the ModuleList as long as num_hidden_layers)."""
     n = model.config.get_text_config().num_hidden_layers
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == n:
@@ -58,7 +59,7 @@ class SIMoEModel(nn.Module):
             input_size = embeddings.weight.shape[1]
         else:
             input_size = base_model.config.get_text_config().hidden_size
-            layers = _decoder_layers(base_model)
+            layers = decoder_layers(base_model)
             k = len(layers) // 2 if config.router_hidden_layer is None else config.router_hidden_layer
             if not 0 <= k < len(layers):
                 raise ValueError(f"router_hidden_layer={k} outside [0, {len(layers)})")

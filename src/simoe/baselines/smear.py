@@ -32,7 +32,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from simoe.baselines.config import BaselineConfig
-from simoe.model import _decoder_layers
+from simoe.model import decoder_layers
 from simoe.router import Router, masked_mean
 
 CONFIG_NAME = "smear_config.json"
@@ -110,7 +110,7 @@ class SMEARModel(nn.Module):
         if any(isinstance(m, SMEARMLP) for m in base_model.modules()):
             raise ValueError("this model already has SMEAR experts; build from a fresh base model")
         base_model.requires_grad_(False)
-        for i, layer in enumerate(_decoder_layers(base_model)):
+        for i, layer in enumerate(decoder_layers(base_model)):
             if not hasattr(layer, "mlp"):
                 raise ValueError(f"SMEAR: decoder layer {i} of {type(base_model).__name__} has no mlp")
             device = next(layer.mlp.parameters()).device

@@ -8,7 +8,6 @@ import os
 from collections.abc import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -16,6 +15,7 @@ from simoe import hard_concrete, objectives
 from simoe.config import CONFIG_NAME, WEIGHTS_NAME, SIMoEConfig
 from simoe.layer import SIMoELayer, SIMoELinear, SIMoENorm
 from simoe.router import Router, masked_mean
+from simoe.state_files import load_state_into, save_state
 from simoe.targets import find_targets, is_linear
 
 
@@ -281,30 +281,10 @@ class SIMoEModel(nn.Module):
         """Write ``simoe_config.json`` and ``simoe_model.safetensors`` (no base weights)."""
         os.makedirs(directory, exist_ok=True)
         self.simoe_config.save_pretrained(directory)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.simoe_state_dict().items()}
-        path = os.path.join(directory, WEIGHTS_NAME)
-        tmp = path + ".tmp"
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)  # atomic: a crash mid-write never corrupts a checkpoint
+        save_state(self.simoe_state_dict(), os.path.join(directory, WEIGHTS_NAME))
 
     def load_simoe_weights(self, directory: str | os.PathLike) -> None:
-        path = os.path.join(directory, WEIGHTS_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-        loaded = load_file(path)
-        own = self.simoe_state_dict()
-        missing, unexpected = sorted(own.keys() - loaded.keys()), sorted(loaded.keys() - own.keys())
-        if missing or unexpected:
-            raise ValueError(
-                f"{path} does not fit this model: missing {missing[:5]} ({len(missing)}), "
-                f"unexpected {unexpected[:5]} ({len(unexpected)}); was it saved from another base?"
-            )
-        with torch.no_grad():
-            for key, tensor in own.items():
-                if tensor.shape != loaded[key].shape:
-                    raise ValueError(f"{path}: {key} has shape {tuple(loaded[key].shape)}, "
-                                     f"the model expects {tuple(tensor.shape)}")
-                tensor.copy_(loaded[key])
+        load_state_into(self.simoe_state_dict(), os.path.join(directory, WEIGHTS_NAME))
 
     @classmethod
     def from_pretrained(

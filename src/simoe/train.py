@@ -28,6 +28,7 @@ from transformers.utils import logging
 
 from simoe.model import SIMoEModel
 from simoe.objectives import SIMoERegularizer, deterministic_nonzero, expected_density
+from simoe.state_files import load_state_into, save_state
 
 logger = logging.get_logger(__name__)
 
@@ -239,18 +240,15 @@ class SIMoETrainer(_StagedCheckpoints, Trainer):
         if not self.args.should_save:
             return
         self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.regularizer.state_dict().items()}
-        save_file(tensors, os.path.join(output_dir, LAGRANGIAN_NAME))
+        save_state(dict(self.regularizer.named_parameters()), os.path.join(output_dir, LAGRANGIAN_NAME))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         simoe = self.accelerator.unwrap_model(self.model)
         simoe.load_simoe_weights(resume_from_checkpoint)
-        path = os.path.join(resume_from_checkpoint, LAGRANGIAN_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: not a SIMoE training checkpoint")
-        self.regularizer.load_state_dict(load_file(path, device=str(self.args.device)))
+        load_state_into(dict(self.regularizer.named_parameters()),
+                        os.path.join(resume_from_checkpoint, LAGRANGIAN_NAME))
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)

@@ -27,13 +27,13 @@ import os
 from collections.abc import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from simoe.baselines.config import BaselineConfig
 from simoe.model import decoder_layers
 from simoe.router import Router, masked_mean
+from simoe.state_files import load_state_into, save_state
 
 CONFIG_NAME = "smear_config.json"
 WEIGHTS_NAME = "smear_model.safetensors"
@@ -216,27 +216,10 @@ class SMEARModel(nn.Module):
         """Write ``smear_config.json`` (options + base) and ``smear_model.safetensors`` (no base weights)."""
         os.makedirs(directory, exist_ok=True)
         self.options.save(os.path.join(directory, CONFIG_NAME))
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.smear_state_dict().items()}
-        path = os.path.join(directory, WEIGHTS_NAME)
-        save_file(tensors, path + ".tmp", metadata={"format": "pt"})
-        os.replace(path + ".tmp", path)  # atomic: a crash mid-write never corrupts a checkpoint
+        save_state(self.smear_state_dict(), os.path.join(directory, WEIGHTS_NAME))
 
     def load_smear_weights(self, directory: str | os.PathLike) -> None:
-        path = os.path.join(directory, WEIGHTS_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-        loaded, own = load_file(path), self.smear_state_dict()
-        missing, unexpected = sorted(own.keys() - loaded.keys()), sorted(loaded.keys() - own.keys())
-        if missing or unexpected:
-            raise ValueError(f"{path} does not fit this model: missing {missing[:5]} ({len(missing)}), "
-                             f"unexpected {unexpected[:5]} ({len(unexpected)}); "
-                             "was it saved from another base?")
-        with torch.no_grad():
-            for key, tensor in own.items():
-                if tensor.shape != loaded[key].shape:
-                    raise ValueError(f"{path}: {key} has shape {tuple(loaded[key].shape)}, "
-                                     f"the model expects {tuple(tensor.shape)}")
-                tensor.copy_(loaded[key])
+        load_state_into(self.smear_state_dict(), os.path.join(directory, WEIGHTS_NAME))
 
     @classmethod
     def from_pretrained(cls, base_model: PreTrainedModel | str | os.PathLike,

@@ -6,6 +6,7 @@ these two functions are how all of them persist.
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -35,3 +36,26 @@ def load_state_into(state: dict[str, torch.Tensor], path: str | os.PathLike) -> 
             raise ValueError(f"{path}: {key} has shape {tuple(loaded[key].shape)}, "
                              f"the model expects {tuple(tensor.shape)}")
         tensor.copy_(loaded[key])
+
+
+def save_json(data: dict, path: str | os.PathLike) -> None:
+    """Write ``data`` as indented JSON through a temporary file (atomic, like :func:`save_state`)."""
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def load_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object in ``path``; bad JSON is reported with the file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data

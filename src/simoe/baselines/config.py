@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
+
+from simoe.state_files import load_json_object, save_json
 
 UPCYCLING_TRAINABLE = ("all", "moe")
 
@@ -84,21 +85,10 @@ class BaselineConfig:
     def save(self, path: str | os.PathLike) -> None:
         """Write the options as a JSON object to ``path`` (atomically)."""
         os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        save_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BaselineConfig:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no baseline config at {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        return cls.from_dict(data, source=os.fspath(path))
+        return cls.from_dict(load_json_object(path), source=os.fspath(path))

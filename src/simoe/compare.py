@@ -125,7 +125,8 @@ def plot_results(rows: list[dict], path: Path) -> None:
     left.set_xticks(x, methods, rotation=30, ha="right")
     left.set_ylabel("score (0-100)")
     left.set_title("Overall (SNI test tasks)")
-    left.legend()
+    left.set_ylim(0, 1.3 * max(max(r["rougeL"], r["exact_match"]) for r in rows) + 1e-9)  # legend room
+    left.legend(loc="upper left", fontsize=8)
     width = 0.8 / len(methods)
     xc = np.arange(len(categories))
     for i, r in enumerate(rows):
@@ -134,6 +135,7 @@ def plot_results(rows: list[dict], path: Path) -> None:
     right.set_xticks(xc, [c.replace("_", " ") for c in categories], rotation=35, ha="right", fontsize=8)
     right.set_ylabel("ROUGE-L")
     right.set_title("ROUGE-L per task category")
+    right.set_ylim(0, 1.25 * max([v for r in rows for v in r["per_category"].values()] + [1e-9]))
     right.legend(fontsize=8, ncols=3)
     fig.savefig(path, dpi=120)
 

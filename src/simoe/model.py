@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from simoe import hard_concrete, objectives
 from simoe.config import CONFIG_NAME, WEIGHTS_NAME, SIMoEConfig
 from simoe.layer import SIMoELayer, SIMoELinear, SIMoENorm
-from simoe.router import Router, masked_mean
+from simoe.router import PromptRoutedModel, Router, masked_mean
 from simoe.state_files import load_state_into, save_state
 from simoe.targets import find_targets, is_linear
 
@@ -32,7 +32,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
 
 
-class SIMoEModel(nn.Module):
+class SIMoEModel(PromptRoutedModel):
     """Wraps (and modifies in place) ``base_model``: every targeted module becomes a SIMoE layer.
 
     Use :func:`upcycle` to build one and :meth:`from_pretrained` to load a saved one.
@@ -69,7 +69,6 @@ class SIMoEModel(nn.Module):
         ).to(embeddings.weight.device)
         # Gate noise comes from this generator when set (see seed_gates), else torch's global RNG.
         self.gate_generator: torch.Generator | None = None
-        self.last_routing: torch.Tensor | None = None  # detached, for logging (router entropy)
 
     # ---------------------------------------------------------------- structure
     def simoe_layers(self) -> Iterator[tuple[str, SIMoELayer]]:
@@ -108,28 +107,6 @@ class SIMoEModel(nn.Module):
         device = self.router.temperature.device
         self.gate_generator = torch.Generator(device=device).manual_seed(seed)
         return self.gate_generator
-
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
-                                        **kwargs) -> None:
-        """Activation checkpointing of the base's layers (Trainer calls it for ``--gradient_checkpointing``).
-
-        Non-reentrant by default: the frozen embeddings give the checkpointed layers inputs that need no
-        grad, and reentrant checkpointing would then drop the gradients of Δ and log α inside them.
-        The routed masks stay set on the layers, so recomputation uses the gates the forward drew.
-        """
-        ckpt_kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
-        if hasattr(self.base_model, "activation_checkpointing_enable"):
-            self.base_model.activation_checkpointing_enable(ckpt_kwargs, **kwargs)
-        else:  # transformers releases before the rename
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kw) -> None:
-        """The name older transformers releases call."""
-        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kw)
-
-    @property
-    def config(self):  # the base's HF config, which Trainer and generation utilities read
-        return self.base_model.config
 
     # ---------------------------------------------------------------- routing
     def route(
@@ -199,48 +176,6 @@ class SIMoEModel(nn.Module):
         finally:
             for layer, mix in zip(layers, saved, strict=True):
                 layer.mix = mix
-
-    # ---------------------------------------------------------------- forward / generate
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        prompt_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        routing: torch.Tensor | None = None,
-        **kwargs,
-    ):
-        """The base model's forward (HF outputs, loss from ``labels``) under routed experts.
-
-        ``routing`` overrides the router; otherwise it is computed from the prompt tokens.
-        """
-        if routing is None:
-            if input_ids is None:
-                raise ValueError("pass input_ids to route on, or an explicit routing")
-            if kwargs.get("past_key_values") is not None:
-                # input_ids would be only the new tokens: routing on them is not the prompt's
-                raise ValueError("decoding with a cache needs routing=model.route(prompt ids); "
-                                 "model.generate does this for you")
-            routing = self.route(input_ids, attention_mask, prompt_mask)
-        self.last_routing = routing.detach()
-        self.set_routing(routing)
-        return self.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
-        )
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        routing: torch.Tensor | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        """``transformers`` generation; the routing is computed from each prompt once."""
-        if routing is None:
-            routing = self.route(input_ids, attention_mask)
-        self.set_routing(routing)
-        return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # ---------------------------------------------------------------- reports
     @torch.no_grad()

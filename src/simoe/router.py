@@ -40,3 +40,77 @@ class Router(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         logits = self.net(features.float())
         return torch.softmax(logits / self.temperature, dim=-1)
+
+
+class PromptRoutedModel(nn.Module):
+    """What SIMoE and the SMEAR baseline share: a frozen HF ``base_model`` whose routed layers get
+    r(x) from the prompt once per sequence, in training (``forward``) and generation (``generate``).
+
+    Subclasses define ``route(input_ids, attention_mask, prompt_mask) -> [batch, M]`` and
+    ``set_routing(routing)`` (hand r to every routed layer).
+    """
+
+    base_model: nn.Module
+    last_routing: torch.Tensor | None = None  # detached, for logging (router entropy)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        routing: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """The base model's forward (HF outputs, loss from ``labels``) under the routed layers.
+
+        ``routing`` overrides the router; otherwise it is computed from the prompt tokens.
+        """
+        if routing is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids to route on, or an explicit routing")
+            if kwargs.get("past_key_values") is not None:
+                # input_ids would be only the new tokens: routing on them is not the prompt's
+                raise ValueError("decoding with a cache needs routing=model.route(prompt ids); "
+                                 "model.generate does this for you")
+            routing = self.route(input_ids, attention_mask, prompt_mask)
+        self.last_routing = routing.detach()
+        self.set_routing(routing)
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        routing: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """``transformers`` generation; the routing is computed from each prompt once."""
+        if routing is None:
+            routing = self.route(input_ids, attention_mask)
+        self.set_routing(routing)
+        return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        **kwargs) -> None:
+        """Activation checkpointing of the base's layers (Trainer calls it for ``--gradient_checkpointing``).
+
+        Non-reentrant by default: the frozen embeddings give the checkpointed layers inputs that need
+        no grad, and reentrant checkpointing would then drop the gradients of the routed layers'
+        tensors inside them. The routing stays set on the layers, so recomputation uses it (and, for
+        SIMoE, the gates the forward drew).
+        """
+        ckpt_kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if hasattr(self.base_model, "activation_checkpointing_enable"):
+            self.base_model.activation_checkpointing_enable(ckpt_kwargs, **kwargs)
+        else:  # transformers releases before the rename
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kw) -> None:
+        """The name older transformers releases call."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kw)
+
+    @property
+    def config(self):  # the base's HF config, which Trainer and generation utilities read
+        return self.base_model.config

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 
 from simoe.baselines.config import BaselineConfig
 from simoe.model import decoder_layers
-from simoe.router import Router, masked_mean
+from simoe.router import PromptRoutedModel, Router, masked_mean
 from simoe.state_files import load_state_into, save_state
 
 CONFIG_NAME = "smear_config.json"
@@ -102,7 +102,7 @@ class SMEARMLP(nn.Module):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-class SMEARModel(nn.Module):
+class SMEARModel(PromptRoutedModel):
     """Wraps (and modifies in place) ``base_model``: every decoder layer's ``mlp`` becomes a SMEARMLP."""
 
     def __init__(self, base_model: PreTrainedModel, options: BaselineConfig):
@@ -123,11 +123,6 @@ class SMEARModel(nn.Module):
         embeddings = base_model.get_input_embeddings()
         self.router = Router(embeddings.weight.shape[1], options.num_ffn_experts,
                              options.smear_router_hidden_size, temperature=1.0).to(embeddings.weight.device)
-        self.last_routing: torch.Tensor | None = None  # detached, for logging
-
-    @property
-    def config(self):  # the base's HF config, which Trainer and generation utilities read
-        return self.base_model.config
 
     def smear_layers(self) -> Iterator[tuple[str, SMEARMLP]]:
         """(qualified name in the base model, layer) for every SMEAR FFN."""
@@ -140,19 +135,6 @@ class SMEARModel(nn.Module):
         layers = [layer for _, layer in self.smear_layers()]
         return {"experts": [p for layer in layers for p in (layer.gate_up, layer.down)],
                 "router": list(self.router.parameters())}
-
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
-                                        **kwargs) -> None:
-        """Non-reentrant activation checkpointing of the base's layers (see SIMoEModel's)."""
-        ckpt_kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
-        if hasattr(self.base_model, "activation_checkpointing_enable"):
-            self.base_model.activation_checkpointing_enable(ckpt_kwargs, **kwargs)
-        else:  # transformers releases before the rename
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kw) -> None:
-        """The name older transformers releases call."""
-        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kw)
 
     # ---------------------------------------------------------------- routing
     def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -172,34 +154,6 @@ class SMEARModel(nn.Module):
             raise ValueError(f"routing must have shape [batch, {e}], got {tuple(routing.shape)}")
         for _, layer in self.smear_layers():
             layer.set_routing(routing)
-
-    # ---------------------------------------------------------------- forward / generate
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                prompt_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                routing: torch.Tensor | None = None, **kwargs):
-        """The base model's forward (HF outputs, loss from ``labels``) with per-example merged FFNs.
-
-        ``routing`` overrides the router; otherwise it is computed from the prompt tokens.
-        """
-        if routing is None:
-            if input_ids is None:
-                raise ValueError("pass input_ids to route on, or an explicit routing")
-            if kwargs.get("past_key_values") is not None:
-                raise ValueError("decoding with a cache needs routing=model.route(prompt ids); "
-                                 "model.generate does this for you")
-            routing = self.route(input_ids, attention_mask, prompt_mask)
-        self.last_routing = routing.detach()
-        self.set_routing(routing)
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 routing: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """``transformers`` generation; the routing is computed from each prompt once."""
-        if routing is None:
-            routing = self.route(input_ids, attention_mask)
-        self.set_routing(routing)
-        return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # ---------------------------------------------------------------- persistence
     def smear_state_dict(self) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from simoe import SIMoEConfig
 from simoe.baselines import METHODS, BaselineConfig, SMEARModel, build, parameter_counts
 from simoe.baselines.smear import CONFIG_NAME, WEIGHTS_NAME
+from simoe.generation import pad_left
 from simoe.hub import load_model_and_tokenizer
 
 MOE_CLASS = {"llama": "MixtralForCausalLM", "mistral": "MixtralForCausalLM", "qwen2": "Qwen2MoeForCausalLM"}
@@ -161,12 +162,8 @@ def test_smear_left_padded_batch_generates_as_one_prompt_at_a_time():
     model = _smear()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g) for n in (7, 4, 6)]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
+    ids, mask = pad_left(prompts, pad_id=0)
+    width = ids.shape[1]
     kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     batched = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, width:]
     singles = [model.generate(input_ids=p[None], **kwargs)[0, len(p):] for p in prompts]

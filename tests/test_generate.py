@@ -3,6 +3,7 @@ import torch
 from conftest import VOCAB, randomize_experts, tiny_model
 
 from simoe import SIMoEConfig, upcycle
+from simoe.generation import pad_left
 
 NEW = 8
 
@@ -14,12 +15,8 @@ def test_left_padded_batch_generates_as_one_prompt_at_a_time(arch):
     model.eval()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g) for n in (7, 4, 6)]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
+    ids, mask = pad_left(prompts, pad_id=0)
+    width = ids.shape[1]
     kwargs = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
     batched = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, width:]
     singles = [model.generate(input_ids=p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long),

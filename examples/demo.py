@@ -4,8 +4,10 @@
    exact answers; some families are held out of training.
 2. Score the base model (exact match per family) on held-out test prompts of every family.
 3. Train SIMoE with `configs/demo.yaml` (M = 8 experts, 75 % sparsity, a progress bar).
-4. Score the trained model on the same prompts, print both side by side with the sparsity report
-   and sample generations, and save the checkpoint, results.json and a routing heatmap (PNG).
+4. Score the trained model on the same prompts, print both side by side with the sparsity report,
+   the gate-consistency gap (response NLL with evaluation minus training gates), how the router
+   divides the families among the experts (load, NMI), and sample generations; save the
+   checkpoint, results.json and a routing heatmap (PNG).
 
     python examples/demo.py [--config configs/demo.yaml] [any `simoe train` option, e.g. --max_steps 50]
 """
@@ -17,8 +19,12 @@ import os
 import sys
 import time
 
+import datasets
+
 from simoe import synthetic_tasks
-from simoe.analysis import mean_routing_by_group, plot_routing_heatmap
+from simoe.analysis import plot_routing_heatmap, routing_by_record, routing_specialisation
+from simoe.data import tokenize_record
+from simoe.evaluation import gate_gap
 from simoe.generation import exact_match_by_group, generate, split_record
 from simoe.hub import load_model_and_tokenizer
 from simoe.pipeline import parse_train_args, run_train
@@ -65,8 +71,21 @@ def main(argv: list[str]) -> None:
           f"upcycled parameters; union of experts non-zero (deterministic gates): "
           f"{union['deterministic_density']:.1%} (expected {union['expected_density']:.1%}, "
           f"target {report['target_density']:.0%})")
-    for m, e in enumerate(report["experts"]):
-        print(f"   expert {m}: {e['deterministic_density']:.1%} non-zero")
+    print("   non-zero per expert: " + ", ".join(f"{e['deterministic_density']:.1%}"
+                                               for e in report["experts"]))
+
+    rows = [tokenize_record(r, tokenizer, data_args.max_seq_length) for r in seen]
+    gap = gate_gap(model, tokenizer, datasets.Dataset.from_list([r for r in rows if r is not None]))
+    print(f"\n== gate consistency on {len(seen)} test prompts of the seen families: response NLL "
+          f"{gap['eval_gate_nll']:.4f} with the evaluation gates, {gap['train_gate_nll']:.4f} with the "
+          f"training gates (gap {gap['gap']:+.4f})")
+
+    groups, routing = routing_by_record(model, tokenizer, evaluation)
+    order = list(dict.fromkeys(groups))
+    mean_routing = {g: routing[[x == g for x in groups]].mean(dim=0).tolist() for g in order}
+    special = routing_specialisation(groups, routing)
+    print(f"== routing: load per expert {', '.join(f'{x:.0%}' for x in special['load'])}; "
+          f"NMI(family; top expert) {special['nmi']:.2f}")
 
     print("\n== sample generations (SIMoE)")
     samples = [next(r for r in evaluation if r["group"] == f) for f in simoe_em]
@@ -78,12 +97,11 @@ def main(argv: list[str]) -> None:
               f"      -> {answer!r} (reference {reference!r})")
 
     out = training_args.output_dir
-    routing = mean_routing_by_group(model, tokenizer, evaluation)
     png = os.path.join(out, "routing_heatmap.png")
-    plot_routing_heatmap(routing, png, title="SIMoE demo: mean router coefficient per task family")
+    plot_routing_heatmap(mean_routing, png, title="SIMoE demo: mean router coefficient per task family")
     results = {"base_exact_match": base_em, "simoe_exact_match": simoe_em,
-               "held_out": synthetic_tasks.HELD_OUT, "sparsity": report, "mean_routing": routing,
-               "seconds": time.time() - start}
+               "held_out": synthetic_tasks.HELD_OUT, "sparsity": report, "gate_gap": gap,
+               "routing": special, "mean_routing": mean_routing, "seconds": time.time() - start}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(f"\nsaved the SIMoE checkpoint, results.json and {os.path.basename(png)} to {out} "

@@ -7,7 +7,7 @@ from conftest import char_tokenizer, randomize_experts, tiny_model
 from matplotlib.image import imread
 from transformers.pytorch_utils import Conv1D
 
-from simoe import SIMoEConfig, hard_concrete, upcycle
+from simoe import SIMoEConfig, upcycle
 from simoe.analysis import (
     analyze,
     cluster_groups,
@@ -44,7 +44,7 @@ def _masks(model):
     """{(module, Δ entry index): bool [M]}: brute force, one Δ entry at a time, from the gates."""
     masks = {}
     for name, layer in model.simoe_layers():
-        on = (hard_concrete.deterministic(layer.log_alpha) > 0).T.tolist()  # [in][M]
+        on = (layer.eval_gates() > 0).T.tolist()  # [in][M]
         for index in np.ndindex(*layer.delta.shape):
             # the gate of a Linear's entry (out, in) is its column; a Conv1D's (in, out) its row
             column = index[0] if isinstance(layer.base, Conv1D) or isinstance(layer, SIMoENorm) else index[1]
@@ -170,7 +170,7 @@ def test_nonzero_share_equals_an_independent_count(arch):
     # count the non-zero entries of Δ ⊙ mask (Δ is random, so non-zero wherever the mask is on)
     counts = {}
     for name, layer in model.simoe_layers():
-        on = (hard_concrete.deterministic(layer.log_alpha) > 0).float()
+        on = (layer.eval_gates() > 0).float()
         delta = layer.delta.detach()
         if isinstance(layer.base, Conv1D) or isinstance(layer, SIMoENorm):
             gated = [delta * (on[m] if delta.dim() == 1 else on[m][:, None]) for m in range(3)]
@@ -254,3 +254,18 @@ def test_analyze_command_writes_the_three_analyses(tmp_path):
     assert written.keys() == expected.keys() == {"add", "sort", "echo"}
     for group, row in expected.items():
         assert written[group] == pytest.approx(row, abs=1e-6)
+
+
+def test_routing_specialisation_load_and_nmi():
+    from simoe.analysis import routing_specialisation
+
+    groups = ["a", "a", "b", "b"]
+    separated = routing_specialisation(groups, torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.1, 0.9]]))
+    assert separated["nmi"] == pytest.approx(1.0)
+    assert separated["load"] == pytest.approx([0.525, 0.475])
+    mixed = routing_specialisation(groups, torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.8, 0.2], [0.2, 0.8]]))
+    assert mixed["nmi"] == pytest.approx(0.0, abs=1e-12) and mixed["top_expert_share"] == [0.5, 0.5]
+    # 3 groups on 2 experts: a and b share expert 0, c has expert 1. I = H(top) = ln 2 - ...
+    three = routing_specialisation(["a", "b", "c"], torch.tensor([[1.0, 0], [1.0, 0], [0, 1.0]]))
+    h_group, h_top = np.log(3), -(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3))
+    assert three["nmi"] == pytest.approx(h_top / ((h_group + h_top) / 2))

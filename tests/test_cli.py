@@ -6,6 +6,7 @@ from conftest import tiny_model
 
 from simoe import SIMoEConfig
 from simoe.cli import main
+from simoe.config import RECORDED_FIELDS
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +49,10 @@ def test_help_documents_every_option(capsys):
         main(["inspect", "--help"])
     text = capsys.readouterr().out
     for f in dataclasses.fields(SIMoEConfig):
-        if f.name != "base_model_name_or_path":  # recorded from the model argument, not an option
+        if f.name not in RECORDED_FIELDS:  # recorded from the model and tokenizer, not options
             assert f"--{f.name}" in text
-    assert "--base_model_name_or_path" not in text
+    for name in RECORDED_FIELDS:
+        assert f"--{name}" not in text
 
 
 def test_train_help_documents_every_option(capsys):
@@ -63,5 +65,5 @@ def test_train_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     for cls in (ModelArguments, DataArguments, SIMoETrainingArguments, SIMoEConfig, BaselineConfig):
         for f in dataclasses.fields(cls):
-            if f.name != "base_model_name_or_path" and f.init and not f.name.startswith("_"):
+            if f.name not in RECORDED_FIELDS and f.init and not f.name.startswith("_"):
                 assert f"--{f.name}" in text, (cls.__name__, f.name)

@@ -2,10 +2,14 @@
 
 import json
 
+import pytest
+import torch
 import yaml
 from conftest import SHARED_DATA
+from safetensors.torch import load_file
 from test_configs import tiny_dir  # noqa: F401  (fixture)
 
+from simoe import compare
 from simoe.cli import main
 
 TASK = "task1394_meta_woz_task_classification"
@@ -25,32 +29,45 @@ def test_compare_runs_each_method_once_and_writes_the_study(tiny_dir, tmp_path):
         "eval": {"data": str(SHARED_DATA / "sni"), "split": "test", "tasks": TASK, "max_instances": 2,
                  "max_new_tokens": 4},
     }
+    config["seeds"] = {"simoe": [0, 1]}
+    config["reference"] = "lora"
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump(config))
-    main(["compare", "--config", str(path)])
+    main(["compare", "--config", str(path), "--runs", "base", "lora-seed0"])  # part of the study now
+    records = tmp_path / "study" / "records"
+    assert sorted(p.name for p in records.iterdir()) == ["base.json", "lora-seed0.json"]
+    pending = "Pending (no record yet): `simoe-seed0`, `simoe-seed1`"
+    assert pending in (tmp_path / "docs" / "results.md").read_text()
+    main(["compare", "--config", str(path)])  # the rest
 
-    rows = json.loads((tmp_path / "study" / "results.json").read_text())
-    assert [r["method"] for r in rows] == ["base", "lora", "simoe"]
-    for row in rows:  # each row is the method's own eval summary and training record
-        summary = json.loads((tmp_path / "study" / row["method"] / "eval" / "summary.json").read_text())
-        assert row["rougeL"] == summary["rougeL"] and summary["instances"] == 2
+    runs = ["base", "lora-seed0", "simoe-seed0", "simoe-seed1"]
+    rows = [json.loads((records / f"{r}.json").read_text()) for r in runs]
+    for row in rows:  # each record holds the run's official summary, its intervals and instances
+        summary = json.loads((tmp_path / "study" / row["run"] / "eval" / "summary.json").read_text())
+        assert row["rougeL"] == pytest.approx(summary["rougeL"], abs=1e-3) and len(row["instances"]) == 2
+        assert row["rougeL_ci95"][0] <= row["rougeL"] <= row["rougeL_ci95"][1]
     lora, simoe = rows[1], rows[2]
     assert 0 < lora["trainable"] < simoe["trainable"] and lora["seconds_per_step"] > 0
     assert simoe["peak_memory_mb"] > 0 and rows[0]["trainable"] == 0
+    assert "routing" in simoe and "routing" not in lora and simoe["sparsity"]["num_experts"] == 2
+    assert compare.paired_difference(lora, lora) == (0.0, (0.0, 0.0))
+    # each seed trained its own model
+    weights = [load_file(tmp_path / "study" / r / "simoe_model.safetensors") for r in runs[2:]]
+    assert not torch.equal(weights[0]["router.net.1.weight"], weights[1]["router.net.1.weight"])
     # identical prompts for every method
     prompts = [[json.loads(line)["prompt"] for line in
-                (tmp_path / "study" / m / "eval" / "predictions.jsonl").read_text().splitlines()]
-               for m in ("base", "lora", "simoe")]
+                (tmp_path / "study" / r / "eval" / "predictions.jsonl").read_text().splitlines()]
+               for r in runs]
     assert prompts[0] == prompts[1] == prompts[2]
     md = (tmp_path / "docs" / "results.md").read_text()
-    assert "| simoe |" in md and (tmp_path / "docs" / "results.png").stat().st_size > 0
+    assert "| simoe-seed1 |" in md and "Pending" not in md
+    assert (tmp_path / "docs" / "results.png").stat().st_size > 0
 
-    # resumable: a finished method is not run again, and text outside the markers is kept
+    # resumable: a run with a record is not run again, and text outside the markers is kept
     (tmp_path / "docs" / "results.md").write_text("# Results\n\nMy reading.\n\n" + md[md.index("<!--"):])
 
     def stamps():
-        study = tmp_path / "study"
-        return {m: (study / m / "eval" / "summary.json").stat().st_mtime_ns for m in ("lora", "simoe")}
+        return {r: (records / f"{r}.json").stat().st_mtime_ns for r in runs}
 
     before = stamps()
     main(["compare", "--config", str(path)])

@@ -186,3 +186,29 @@ def test_perplexity_is_exp_of_token_weighted_response_nll(dirs, tmp_path, capsys
     for group in ("math", "words"):
         assert summary["per_group"][group]["nll"] == pytest.approx(nll[group] / tokens[group], rel=1e-5)
         assert summary["per_group"][group]["tokens"] == tokens[group]
+
+
+def test_gate_gap_is_zero_for_noise_free_gates_and_not_for_sampled_ones():
+    import datasets
+    import torch
+    from conftest import char_tokenizer, randomize_experts, tiny_model
+
+    from simoe import SIMoEConfig, upcycle
+    from simoe.data import tokenize_record
+    from simoe.evaluation import gate_gap
+
+    tok = char_tokenizer()
+    rows = [tokenize_record({"messages": [{"role": "user", "content": f"Add {i} and {i + 1}"},
+                                          {"role": "assistant", "content": str(2 * i + 1)}]}, tok, 64)
+            for i in range(6)]
+    data = datasets.Dataset.from_list(rows)
+    for regime in ("noise-free", "stochastic"):
+        torch.manual_seed(0)
+        model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=3, gate_regime=regime))
+        randomize_experts(model)
+        gap = gate_gap(model.eval(), tok, data, batch_size=4)
+        assert not model.training  # modes come back
+        if regime == "noise-free":
+            assert gap["gap"] == 0.0 and gap["eval_gate_nll"] > 0
+        else:
+            assert abs(gap["gap"]) > 1e-3

@@ -54,8 +54,8 @@ def _snapshot(model):
 
 
 def _gates(log_alpha):
-    """Deterministic hard-concrete gates, written out here rather than taken from the library."""
-    return (torch.sigmoid(log_alpha) * 1.2 - 0.1).clamp(0, 1)
+    """Noise-free (default regime) evaluation gates, written out here rather than taken from the library."""
+    return (torch.sigmoid(log_alpha / (2 / 3)) * 1.2 - 0.1).clamp(0, 1)
 
 
 # ---------------------------------------------------------------- compact
@@ -158,15 +158,17 @@ def test_compact_loader_rejects_a_tampered_file(tmp_path):
     check({**good, f"{layer}.delta": delta.T}, f"{layer}.delta has shape")
 
 
-def test_gate_inversion_is_exact_at_the_clamps_and_in_between():
+@pytest.mark.parametrize("regime", hard_concrete.REGIMES)
+def test_gate_inversion_is_exact_at_the_clamps_and_in_between(regime):
     from simoe.export import _log_alpha_for
 
     g = torch.Generator().manual_seed(0)
     log_alpha = 20 * torch.rand(M, 4096, generator=g) - 10
     log_alpha[0, :4] = torch.tensor([0.0, -2.3978953, 2.3978953, -1e-30])  # near gate 0, 1 and 0.5
-    gates = hard_concrete.deterministic(log_alpha)
+    log_alpha[1, :2] = torch.tensor([-1.5985, 1.5985])  # the noise-free gate's 0 and 1
+    gates = hard_concrete.gates(log_alpha, regime, training=False)
     assert (gates == 0).any() and (gates == 1).any()
-    assert torch.equal(hard_concrete.deterministic(_log_alpha_for(gates)), gates)
+    assert torch.equal(hard_concrete.gates(_log_alpha_for(gates, regime), regime, training=False), gates)
 
 
 # ---------------------------------------------------------------- merged

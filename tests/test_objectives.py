@@ -16,21 +16,31 @@ def _expand(layer, gate_values):
     return view.expand(shape).reshape(gate_values.shape[0], -1)
 
 
-def _model(arch="gpt2", m=4):
-    model = upcycle(tiny_model(arch), SIMoEConfig(num_experts=m))
+def _model(arch="gpt2", m=4, regime="noise-free"):
+    model = upcycle(tiny_model(arch), SIMoEConfig(num_experts=m, gate_regime=regime))
     randomize_experts(model)
     return model
 
 
+def _noise_free(log_alpha):  # written out here rather than taken from the library
+    return (torch.sigmoid(log_alpha / (2 / 3)) * 1.2 - 0.1).clamp(0, 1)
+
+
+@pytest.mark.parametrize("regime", hard_concrete.REGIMES)
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])  # Conv1D (in x out) and Linear (out x in)
-def test_densities_equal_per_parameter_reference(arch):
-    model = _model(arch)
+def test_densities_equal_per_parameter_reference(arch, regime):
+    model = _model(arch, regime=regime)
     layers = list(model.simoe_layers())
-    p = torch.cat([_expand(lay, hard_concrete.prob_nonzero(lay.log_alpha)) for _, lay in layers], 1)
-    on = torch.cat([_expand(lay, hard_concrete.deterministic(lay.log_alpha)) for _, lay in layers], 1) > 0
+    ref = (hard_concrete.prob_nonzero if regime == "stochastic" else
+           lambda la: (_noise_free(la) > 0).float())  # noise-free: P(z != 0) is 0 or 1
+    p = torch.cat([_expand(lay, ref(lay.log_alpha)) for _, lay in layers], 1)
+    eval_gates = hard_concrete.deterministic if regime == "stochastic" else _noise_free
+    on = torch.cat([_expand(lay, eval_gates(lay.log_alpha)) for _, lay in layers], 1) > 0
     expert, union = objectives.expected_density(layers)
     assert torch.allclose(expert, p.mean(1), atol=1e-6)
     assert torch.allclose(union, (1 - (1 - p).prod(0)).mean(), atol=1e-6)
+    if regime == "noise-free":  # the evaluated density exactly
+        assert torch.allclose(union, on.any(0).float().mean(), atol=1e-6)
     counts, union_count, total = objectives.deterministic_nonzero(layers)
     assert total == p.shape[1]
     assert counts.tolist() == on.sum(1).tolist() and union_count == int(on.any(0).sum())
@@ -40,10 +50,12 @@ def test_densities_equal_per_parameter_reference(arch):
     assert report["union"]["deterministic_density"] == pytest.approx(union_count / total)
 
 
-def test_orthogonality_equals_parameter_weighted_cosine():
-    model = _model("llama")
+@pytest.mark.parametrize("regime", hard_concrete.REGIMES)
+def test_orthogonality_equals_parameter_weighted_cosine(regime):
+    model = _model("llama", regime=regime)
     layers = list(model.simoe_layers())
-    ez = torch.cat([_expand(lay, hard_concrete.expected(lay.log_alpha)) for _, lay in layers], 1)
+    expected = hard_concrete.expected if regime == "stochastic" else _noise_free
+    ez = torch.cat([_expand(lay, expected(lay.log_alpha)) for _, lay in layers], 1)
     cos = torch.nn.functional.cosine_similarity(ez[:, None, :], ez[None, :, :], dim=-1)
     i, j = torch.triu_indices(4, 4, offset=1)
     assert torch.allclose(objectives.orthogonality(layers), cos[i, j].mean(), atol=1e-5)
@@ -71,11 +83,12 @@ def test_lagrangian_ascends_multipliers():
     assert lag.lambda2.tolist() == pytest.approx([0.016, 0.0])
 
 
+@pytest.mark.parametrize("regime", hard_concrete.REGIMES)
 @pytest.mark.parametrize("scope", ["union", "expert"])
-def test_lagrangian_alone_reaches_target_density(scope):
+def test_lagrangian_alone_reaches_target_density(scope, regime):
     """With only the sparsity term, expected density falls to the budget (and, with nothing pulling
     it back up, at most a little below it: Adam's momentum); test_train.py shows it settling with the NLL."""
-    config = SIMoEConfig(num_experts=4, target_sparsity=0.75, sparsity_scope=scope)
+    config = SIMoEConfig(num_experts=4, target_sparsity=0.75, sparsity_scope=scope, gate_regime=regime)
     model = upcycle(tiny_model("llama"), config)
     layers = list(model.simoe_layers())
     lag = objectives.SparsityLagrangian.for_config(config)
@@ -93,7 +106,10 @@ def test_lagrangian_alone_reaches_target_density(scope):
         model.clamp_mask_logits_()
     expert, union = objectives.expected_density(layers)
     reached = union if scope == "union" else expert
-    assert reached.max().item() <= 0.26 and reached.min().item() >= 0.15, reached
+    if regime == "noise-free":  # the equality settles at the target (and d is the evaluated density)
+        assert (reached - 0.25).abs().max().item() <= 0.02, reached
+    else:
+        assert reached.max().item() <= 0.26 and reached.min().item() >= 0.15, reached
 
 
 def test_one_optimizer_step_moves_simoe_tensors_only():

@@ -16,7 +16,8 @@ def _grads(model, ids, checkpointing):
 
 
 def test_activation_checkpointing_recomputes_with_the_sampled_gates():
-    model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=3))
+    # stochastic gates: recomputation must reuse the forward's samples, not draw new ones
+    model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=3, gate_regime="stochastic"))
     randomize_experts(model)
     train_without_dropout(model)
     ids = torch.randint(3, VOCAB, (2, 10))

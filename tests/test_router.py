@@ -104,3 +104,71 @@ def test_hidden_mean_is_a_partial_forward_of_the_base(arch):
     assert len(calls) == 1  # only the reference forward reached the last layer
     expected = model.router(captured["h"].float().mean(dim=1))
     assert torch.allclose(r, expected, atol=1e-6)
+
+
+SYSTEM_TEMPLATE = (
+    "<|im_start|>system\nBe brief.<|im_end|>\n"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_router_reads_the_user_turn_the_same_way_in_training_and_generation():
+    """router_span 'user' skips the template's fixed text (a default system prompt, role headers)
+    wherever the prompt comes from: training features (prompt_mask) or a generation prompt."""
+    from conftest import char_tokenizer
+
+    from simoe.data import render_prompt, template_affixes, tokenize_record
+    from simoe.generation import pad_left
+
+    tok = char_tokenizer(SYSTEM_TEMPLATE)
+    prefix, suffix = template_affixes(tok)
+    assert tok.decode(prefix) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+    assert tok.decode(suffix) == "<|im_end|>\n<|im_start|>assistant\n"
+    model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=4), tokenizer=tok)
+    assert model.simoe_config.template_prefix_ids == prefix
+    randomize_experts(model)
+    model.eval()
+    users = ["Sort: c a b", "Reverse the word ocean"]
+    messages = [[{"role": "user", "content": u}] for u in users]
+    ids, mask = pad_left([render_prompt(tok, m) for m in messages], tok.pad_token_id)
+    with torch.no_grad():
+        routed = model.route(ids, mask)
+        # reference: the router on the mean embedding of the user text's tokens alone
+        user_ids = [tok(u, add_special_tokens=False)["input_ids"] for u in users]
+        emb = model.base_model.get_input_embeddings()
+        reference = torch.stack([model.router(emb(torch.tensor(u)).mean(0, keepdim=True))[0] for u in user_ids])
+        assert torch.allclose(routed, reference, atol=1e-6)
+        # training features: right-padded, with the response after the prompt
+        rows = [tokenize_record({"messages": [*m, {"role": "assistant", "content": "ok"}]}, tok, 200)
+                for m in messages]
+        width = max(len(r["input_ids"]) for r in rows)
+        batch = {k: torch.tensor([r[k] + [0] * (width - len(r[k])) for r in rows])
+                 for k in ("input_ids", "attention_mask", "prompt_mask")}
+        assert torch.allclose(model.route(**batch), reference, atol=1e-6)
+        # 'prompt' reads every prompt token, the template's too
+        model.simoe_config.router_span = "prompt"
+        assert not torch.allclose(model.route(ids, mask), reference, atol=1e-3)
+
+
+def test_skip_template_keeps_rows_without_the_template():
+    from simoe.router import skip_template
+
+    ids = torch.tensor([[0, 7, 8, 5, 6, 9], [5, 6, 5, 6, 9, 9], [0, 0, 0, 7, 8, 9]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]])
+    kept = skip_template(ids, mask, prefix=[7, 8], suffix=[9])
+    assert kept.tolist() == [[0, 0, 0, 1, 1, 0],   # prefix and suffix dropped
+                             [1, 1, 1, 1, 1, 0],   # no prefix: kept; suffix dropped
+                             [0, 0, 0, 1, 1, 1]]   # nothing between them: the whole span is kept
+
+
+def test_routing_information_is_the_mutual_information_of_prompt_and_expert():
+    import math
+
+    from simoe.train import routing_information
+
+    assert routing_information(torch.full((4, 4), 0.25)).item() == pytest.approx(0.0, abs=1e-6)
+    assert routing_information(torch.eye(4)).item() == pytest.approx(math.log(4), abs=1e-6)
+    collapsed = torch.zeros(4, 4)
+    collapsed[:, 0] = 1
+    assert routing_information(collapsed).item() == pytest.approx(0.0, abs=1e-6)

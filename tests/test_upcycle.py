@@ -95,8 +95,24 @@ def test_only_simoe_tensors_are_trainable():
     assert sum(p.numel() for p in model.parameters() if not p.requires_grad) == n_base
 
 
-def test_train_mode_samples_gates_and_eval_is_deterministic():
+def test_noise_free_gates_are_the_same_in_train_and_eval():
     model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=4))
+    randomize_experts(model)
+    ids, mask = _batch()
+    with torch.no_grad():
+        a = model.eval()(input_ids=ids, attention_mask=mask).logits
+        train_without_dropout(model)
+        b = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(a, b)
+    # the stochastic regime's samples differ from the evaluation gates
+    for _, layer in model.simoe_layers():
+        layer.regime = "stochastic"
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits, a, atol=1e-4)
+
+
+def test_train_mode_samples_gates_and_eval_is_deterministic():
+    model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=4, gate_regime="stochastic"))
     randomize_experts(model)
     ids, mask = _batch()
     model.eval()
@@ -118,8 +134,23 @@ def test_type_of_model_returned():
 def test_unreachable_sparsity_target_is_refused():
     # SMAT's bound ln 0.01 keeps P(z != 0) >= 0.047, so 8 experts' union stays above 32 %
     with pytest.raises(ValueError, match=r"target density 0.250 is unreachable.*0.320"):
-        SIMoEConfig(num_experts=8, target_sparsity=0.75, mask_logit_min=math.log(0.01))
-    assert SIMoEConfig(num_experts=8, target_sparsity=0.75).density_floor < 0.01
-    # per expert, the same bound is fine
+        SIMoEConfig(num_experts=8, target_sparsity=0.75, mask_logit_min=math.log(0.01),
+                    gate_regime="stochastic")
+    assert SIMoEConfig(num_experts=8, target_sparsity=0.75, gate_regime="stochastic").density_floor < 0.01
+    # per expert, the same bound is fine; noise-free gates reach exactly 0 above it
     SIMoEConfig(num_experts=8, target_sparsity=0.75, mask_logit_min=math.log(0.01),
-                sparsity_scope="expert")
+                sparsity_scope="expert", gate_regime="stochastic")
+    assert SIMoEConfig(num_experts=8, mask_logit_min=math.log(0.01)).density_floor == 0.0
+    with pytest.raises(ValueError, match="unreachable"):
+        SIMoEConfig(mask_logit_min=-1.5)  # the noise-free gate is 0 only below -1.599
+
+
+def test_options_of_the_other_gate_regime_are_refused():
+    with pytest.raises(ValueError, match="mask_init_density does not apply to gate_regime 'noise-free'"):
+        SIMoEConfig(mask_init_density=0.5)
+    with pytest.raises(ValueError, match="mask_init_gate does not apply to gate_regime 'stochastic'"):
+        SIMoEConfig(gate_regime="stochastic", mask_init_gate=0.5)
+    # the initial gate: noise-free z = mask_init_gate at step 0, in train and eval alike
+    model = upcycle(tiny_model("llama"), SIMoEConfig(mask_init_gate=0.3, mask_init_std=0.0))
+    for _, layer in model.simoe_layers():
+        assert torch.allclose(layer.eval_gates(), torch.full_like(layer.log_alpha, 0.3), atol=1e-6)

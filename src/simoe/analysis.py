@@ -23,7 +23,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 from scipy.cluster.hierarchy import dendrogram, leaves_list, linkage
 
-from simoe import hard_concrete
 from simoe.data import render_prompt
 from simoe.generation import eval_mode, pad_left, split_record
 from simoe.layer import SIMoENorm
@@ -63,14 +62,13 @@ def _annotate(ax, data: np.ndarray, vmax: float, fmt: str = "{:.2f}", fontsize: 
 
 # ---------------------------------------------------------------------------- 1. routing by group
 @torch.no_grad()
-def mean_routing_by_group(
+def routing_by_record(
     model: SIMoEModel, tokenizer, records: Sequence[dict], batch_size: int = 32
-) -> dict[str, list[float]]:
-    """Mean router coefficients [M] of every ``group``, from each record's prompt alone.
+) -> tuple[list[str], torch.Tensor]:
+    """Every record's ``group`` and router coefficients [N, M], from its prompt alone.
 
-    The prompt is rendered as for generation (:func:`simoe.data.render_prompt`); every prompt token
-    counts for the router (prompt_mask = the prompt's attention mask). Groups come in the order
-    they first appear in ``records``.
+    The prompt is rendered as for generation (:func:`simoe.data.render_prompt`) and routed as
+    generation routes it (``model.route`` on the prompt's tokens).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -82,19 +80,57 @@ def mean_routing_by_group(
         groups.append(group)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    rows = []
     with eval_mode(model):
         for start in range(0, len(records), batch_size):
             batch = records[start:start + batch_size]
             ids, mask = pad_left([render_prompt(tokenizer, split_record(r, start + j)[0])
                                   for j, r in enumerate(batch)], pad_id)
-            mask = mask.to(device)
-            routing = model.route(ids.to(device), mask, prompt_mask=mask).double().cpu()
-            for group, row in zip(groups[start:start + batch_size], routing, strict=True):
-                sums[group] = sums.get(group, 0) + row
-                counts[group] = counts.get(group, 0) + 1
-    return {group: (sums[group] / counts[group]).tolist() for group in sums}
+            rows.append(model.route(ids.to(device), mask.to(device)).double().cpu())
+    return groups, torch.cat(rows)
+
+
+def mean_routing_by_group(
+    model: SIMoEModel, tokenizer, records: Sequence[dict], batch_size: int = 32
+) -> dict[str, list[float]]:
+    """Mean router coefficients [M] of every ``group`` (:func:`routing_by_record`), in the order
+    the groups first appear in ``records``."""
+    groups, routing = routing_by_record(model, tokenizer, records, batch_size)
+    order = list(dict.fromkeys(groups))
+    index = torch.tensor([order.index(g) for g in groups])
+    return {g: routing[index == i].mean(dim=0).tolist() for i, g in enumerate(order)}
+
+
+def _entropy(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def routing_specialisation(groups: Sequence[str], routing: torch.Tensor) -> dict:
+    """How the router divides prompts among experts.
+
+    ``load``: each expert's share of the mean routing mass; ``top_expert_share``: the share of
+    prompts whose largest coefficient is that expert's; ``nmi``: normalised mutual information
+    between the prompts' groups and their top experts, I / ((H(group) + H(expert)) / 2) (the
+    arithmetic normalisation, as scikit-learn's default): 0 when the top expert says nothing
+    about the group, 1 when the two determine each other.
+    """
+    if len(groups) != routing.shape[0] or not len(groups):
+        raise ValueError(f"{len(groups)} groups for {routing.shape[0]} routings")
+    names = sorted(set(groups))
+    g = np.array([names.index(x) for x in groups])
+    top = routing.argmax(dim=1).numpy()
+    m = routing.shape[1]
+    joint = np.zeros((len(names), m))
+    np.add.at(joint, (g, top), 1)
+    h_group, h_top = _entropy(joint.sum(1)), _entropy(joint.sum(0))
+    mutual = h_group + h_top - _entropy(joint.ravel())
+    mean = (h_group + h_top) / 2
+    return {
+        "load": (routing.mean(dim=0) / routing.mean(dim=0).sum()).tolist(),
+        "top_expert_share": (joint.sum(0) / joint.sum()).tolist(),
+        "nmi": float(mutual / mean) if mean > 0 else 0.0,
+    }
 
 
 def _routing_matrix(mean_routing: dict[str, list[float]]) -> tuple[list[str], np.ndarray]:
@@ -186,8 +222,8 @@ def plot_routing_heatmap(
 
 # ---------------------------------------------------------------------------- 2. expert overlap
 def _gates_on(layer) -> torch.Tensor:
-    """[M, in_features] bool: the deterministic (eval) gates that are non-zero."""
-    return (hard_concrete.deterministic(layer.log_alpha.detach()) > 0).cpu()
+    """[M, in_features] bool: the evaluation gates that are non-zero."""
+    return (layer.eval_gates().detach() > 0).cpu()
 
 
 @torch.no_grad()

@@ -251,10 +251,14 @@ def _add_eval(commands) -> None:
 
 def compare(args: argparse.Namespace) -> None:
     """The side-by-side study: base, full, LoRA, sparse upcycling, SMEAR and SIMoE trained alike, scored
-    with `simoe eval sni`; writes results.json, a bar chart and a Markdown table (resumable)."""
+    with `simoe eval sni`; one record per run (resumable across sessions), a chart and a Markdown table
+    with 95 % bootstrap intervals."""
     from simoe.compare import run_compare
 
-    print(json.dumps(run_compare(args.config), indent=2))
+    rows = run_compare(args.config, args.runs)
+    for r in rows:
+        lo, hi = r["rougeL_ci95"]
+        print(f"{r['run']:24s} ROUGE-L {r['rougeL']:6.2f} [{lo:.2f}, {hi:.2f}]")
 
 
 def _add_analyze(commands) -> None:
@@ -289,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     _add_analyze(commands)
     p = commands.add_parser("compare", help=compare.__doc__, description=compare.__doc__)
     p.add_argument("--config", required=True, help="YAML study config, e.g. configs/compare_smollm2_sni.yaml")
+    p.add_argument("--runs", nargs="+", help="do only these runs now (e.g. base simoe-seed0); default: every "
+                   "run without a record")
     p.set_defaults(job=compare, name="compare")
     args = parser.parse_args(argv)
     _run(args.name, lambda: args.job(args))

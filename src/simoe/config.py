@@ -16,7 +16,10 @@ CONFIG_NAME = "simoe_config.json"
 WEIGHTS_NAME = "simoe_model.safetensors"
 
 ROUTER_INPUTS = ("embedding-mean", "hidden-mean")
+ROUTER_SPANS = ("user", "prompt")
 SPARSITY_SCOPES = ("union", "expert")
+# Fields simoe records (from the base model and its tokenizer); never set by hand or on the CLI.
+RECORDED_FIELDS = ("base_model_name_or_path", "template_prefix_ids", "template_suffix_ids")
 
 
 @dataclass
@@ -45,11 +48,29 @@ class SIMoEConfig:
     upcycle_norms: bool = field(
         default=True, metadata={"help": "Also upcycle the weights of every normalisation layer."}
     )
+    gate_regime: str = field(
+        default="noise-free",
+        metadata={
+            "help": "Which gates training and evaluation use: 'noise-free' (the same gate in both, "
+            "SMAT-style: the evaluated model is the trained one) or 'stochastic' (sampled "
+            "hard-concrete gates in training, deterministic ones in evaluation).",
+            "choices": list(hard_concrete.REGIMES),
+        },
+    )
     router_input: str = field(
         default="embedding-mean",
         metadata={
             "help": "Prompt representation the router reads: 'embedding-mean' (mean of frozen "
             "input embeddings) or 'hidden-mean' (mean of a frozen hidden layer of the base)."
+        },
+    )
+    router_span: str = field(
+        default="user",
+        metadata={
+            "help": "Which prompt tokens the router reads: 'user' (the prompt without the chat "
+            "template's fixed text around the first user turn, e.g. a default system prompt shared "
+            "by every example) or 'prompt' (every prompt token).",
+            "choices": list(ROUTER_SPANS),
         },
     )
     router_hidden_layer: int | None = field(
@@ -63,13 +84,27 @@ class SIMoEConfig:
     router_min_temperature: float = field(
         default=0.5, metadata={"help": "Temperature τ_min reached at the end of annealing."}
     )
-    mask_init_density: float = field(
-        default=0.9,
+    router_information_weight: float = field(
+        default=0.0,
         metadata={
-            "help": "Expected constrained density (union or per expert, per sparsity_scope) at "
-            "initialisation; log α starts where P(z≠0) gives it. A union of M nearly-always-on "
-            "experts stalls the constraint: its gradient on expert m carries the factor "
-            "Π_{j≠m}(1 - p_j), which vanishes as every p_j → 1 (e.g. SMAT's log α = 0 with M = 8)."
+            "help": "Weight of -I(prompt; expert) = -(H(mean r) - mean H(r)) over each batch: "
+            "spreads the load over the experts and makes each prompt's routing decisive."
+        },
+    )
+    mask_init_gate: float | None = field(
+        default=None,
+        metadata={
+            "help": "gate_regime noise-free: the gate value every expert starts from (default 0.5, "
+            "log α = 0 as in SMAT); every column starts on."
+        },
+    )
+    mask_init_density: float | None = field(
+        default=None,
+        metadata={
+            "help": "gate_regime stochastic: expected constrained density (union or per expert) at "
+            "initialisation (default 0.9); log α starts where P(z≠0) gives it. A union of M "
+            "nearly-always-on experts stalls that constraint: its gradient on expert m carries "
+            "Π_{j≠m}(1 - p_j), which vanishes as every p_j → 1."
         },
     )
     mask_init_std: float = field(
@@ -91,6 +126,16 @@ class SIMoEConfig:
     )
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Base model the experts were trained on (recorded)."}
+    )
+    template_prefix_ids: list[int] | None = field(
+        default=None,
+        metadata={"help": "Token ids the chat template puts before the first user turn's text "
+                  "(recorded from the tokenizer; router_span 'user' skips them)."},
+    )
+    template_suffix_ids: list[int] | None = field(
+        default=None,
+        metadata={"help": "Token ids the chat template puts after the user turn's text, up to the "
+                  "response (recorded; router_span 'user' skips them)."},
     )
 
     def __post_init__(self) -> None:
@@ -116,8 +161,20 @@ class SIMoEConfig:
             raise ValueError("router temperatures must satisfy 0 < router_min_temperature <= "
                              f"router_temperature, got {self.router_min_temperature}, "
                              f"{self.router_temperature}")
-        if not 0.0 < self.mask_init_density < 1.0:
-            raise ValueError(f"mask_init_density must be in (0, 1), got {self.mask_init_density}")
+        if self.gate_regime not in hard_concrete.REGIMES:
+            raise ValueError(f"gate_regime must be one of {hard_concrete.REGIMES}, got {self.gate_regime!r}")
+        if self.router_span not in ROUTER_SPANS:
+            raise ValueError(f"router_span must be one of {ROUTER_SPANS}, got {self.router_span!r}")
+        if self.router_information_weight < 0:
+            raise ValueError(f"router_information_weight must be >= 0, got {self.router_information_weight}")
+        other = "mask_init_density" if self.gate_regime == "noise-free" else "mask_init_gate"
+        if getattr(self, other) is not None:
+            raise ValueError(f"{other} does not apply to gate_regime {self.gate_regime!r}; use "
+                             f"{'mask_init_gate' if other == 'mask_init_density' else 'mask_init_density'}")
+        for name in ("mask_init_gate", "mask_init_density"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {value}")
         if not self.mask_logit_min < self.mask_logit_max:
             raise ValueError("mask_logit_min must be below mask_logit_max")
         floor = self.density_floor
@@ -134,15 +191,23 @@ class SIMoEConfig:
 
     @property
     def mask_init_logit(self) -> float:
-        """The log α at which the constrained density equals ``mask_init_density``."""
-        d = self.mask_init_density
+        """The initial log α: where the noise-free gate is ``mask_init_gate`` (noise-free), or where
+        the constrained density P(z≠0) equals ``mask_init_density`` (stochastic)."""
+        hc = hard_concrete
+        if self.gate_regime == "noise-free":  # z = stretch(sigmoid(log α / β)), inverted
+            z = 0.5 if self.mask_init_gate is None else self.mask_init_gate
+            s = (z - hc.GAMMA) / (hc.ZETA - hc.GAMMA)
+            return hc.BETA * math.log(s / (1.0 - s))
+        d = 0.9 if self.mask_init_density is None else self.mask_init_density
         p = 1.0 - (1.0 - d) ** (1.0 / self.num_experts) if self.sparsity_scope == "union" else d
-        hc = hard_concrete  # P(z≠0) = sigmoid(log α − β log(−γ/ζ)), inverted
-        return math.log(p / (1.0 - p)) + hc.BETA * math.log(-hc.GAMMA / hc.ZETA)
+        # P(z≠0) = sigmoid(log α − β log(−γ/ζ)), inverted
+        return math.log(p / (1.0 - p)) + hc.NOISE_FREE_ZERO
 
     @property
     def density_floor(self) -> float:
-        """The least expected density the constraint can reach with log α at its lower bound."""
+        """The least density the constraint can reach with log α at its lower bound."""
+        if self.gate_regime == "noise-free":  # gates are exactly 0 below NOISE_FREE_ZERO
+            return 0.0 if self.mask_logit_min < hard_concrete.NOISE_FREE_ZERO else 1.0
         p = float(hard_concrete.prob_nonzero(torch.tensor(float(self.mask_logit_min))))
         return 1.0 - (1.0 - p) ** self.num_experts if self.sparsity_scope == "union" else p
 

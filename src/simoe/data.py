@@ -461,6 +461,25 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> l
     return _plain_ids(tokenizer, messages)[0]
 
 
+def template_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """The token ids the prompt template puts before and after a single user turn's text.
+
+    Two prompts that differ only in the user text are rendered as generation and training render
+    them (:func:`render_prompt`); their longest common prefix and suffix are the template's fixed
+    tokens: for SmolLM2 the default system prompt and the role headers before the text, the end of
+    turn and the assistant header after it.
+    """
+    a = render_prompt(tokenizer, [{"role": "user", "content": "Alpha 1 beta, gamma."}])
+    b = render_prompt(tokenizer, [{"role": "user", "content": "Zulu; 9 yankee x-ray?"}])
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    m = 0
+    while m < min(len(a), len(b)) - n and a[-1 - m] == b[-1 - m]:
+        m += 1
+    return a[:n], (a[len(a) - m:] if m else [])
+
+
 def _tokenize(
     record: dict, tokenizer: PreTrainedTokenizerBase, max_seq_length: int
 ) -> tuple[dict | None, bool]:

@@ -81,6 +81,32 @@ def compute_metrics(predictions: Sequence[str], references: Sequence[Sequence[st
     return {"rougeL": round(100.0 * rouge / n, 4), "exact_match": round(100.0 * em / n, 4)}
 
 
+def instance_scores(predictions: dict[str, str], references: Sequence[dict]) -> list[dict]:
+    """Per instance: ``id``, ``category``, ``rougeL`` and ``exact_match`` (x 100, best over references),
+    the values whose means :func:`score_references` reports; bootstrap intervals resample them."""
+    rows = []
+    for ref in references:
+        pred = predictions.get(ref["id"], "")
+        rows.append({"id": ref["id"], "category": category_key(ref["task_category"]),
+                     "rougeL": 100.0 * max_over_references(rouge_l, pred, ref["references"]),
+                     "exact_match": 100.0 * max_over_references(exact_match, pred, ref["references"])})
+    return rows
+
+
+def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, resamples: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (instances resampled with replacement)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        raise ValueError("no values to bootstrap")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    tail = 100 * (1 - confidence) / 2
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
 def category_key(category: str) -> str:
     """How the official script names a category: ``"Word Analogy"`` -> ``"word_analogy"``."""
     return "_".join(category.lower().split())
@@ -207,12 +233,15 @@ def evaluate_sni(
 # ---------------------------------------------------------------------------- perplexity
 @torch.no_grad()
 def response_nll(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, dataset: datasets.Dataset, batch_size: int = 4
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, dataset: datasets.Dataset, batch_size: int = 4,
+    training_gates: bool = False,
 ) -> list[tuple[float, int]]:
     """(summed NLL in nats, response tokens) of every example of a :func:`simoe.data.build_dataset`.
 
     Only labelled (response) tokens count. A SIMoE model routes on each example's prompt
-    (``prompt_mask``) as in training, with deterministic (eval) gates.
+    (``prompt_mask``) as in training, with its evaluation gates, or with its training gates
+    (``training_gates``: the SIMoE layers alone in train mode, so no dropout; sampled once per
+    batch for the stochastic regime).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -221,6 +250,9 @@ def response_nll(
     columns = ("input_ids", "attention_mask", "labels", "prompt_mask")
     results = []
     with eval_mode(model):
+        if training_gates:
+            for _, layer in model.simoe_layers():
+                layer.train()
         for start in range(0, len(dataset), batch_size):
             rows = dataset[start:start + batch_size]
             batch = collate([{k: rows[k][i] for k in columns} for i in range(len(rows["input_ids"]))])
@@ -234,6 +266,17 @@ def response_nll(
             counts = (labels != -100).sum(dim=1)
             results += [(float(s), int(c)) for s, c in zip(nll.double().sum(dim=1), counts, strict=True)]
     return results
+
+
+def gate_gap(model: SIMoEModel, tokenizer: PreTrainedTokenizerBase, dataset: datasets.Dataset,
+             batch_size: int = 4) -> dict:
+    """Response NLL per token with the evaluation gates and with the training gates, and their
+    difference (``gap``): how far the evaluated model is from the one training optimised."""
+    nll = {}
+    for name, training in (("eval_gate_nll", False), ("train_gate_nll", True)):
+        per_example = response_nll(model, tokenizer, dataset, batch_size, training_gates=training)
+        nll[name] = sum(n for n, _ in per_example) / max(1, sum(t for _, t in per_example))
+    return {**nll, "gap": nll["eval_gate_nll"] - nll["train_gate_nll"]}
 
 
 def _entry(nll: float, tokens: int) -> dict:

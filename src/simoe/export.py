@@ -1,14 +1,14 @@
 """Exports of a trained SIMoE model: compact (for SIMoE inference) and merged (a plain HF model).
 
-Compact: everything inference with the deterministic (eval) gates needs and nothing else — a
+Compact: everything inference with the evaluation gates needs and nothing else — a
 reference to the base (``base_model_name_or_path`` in ``simoe_config.json``) plus, in
 ``simoe_compact.safetensors``, for every upcycled tensor the input columns whose gate is non-zero
 in at least one expert (``<layer>.columns``), Δ on those columns only (``<layer>.delta``), the
-deterministic gates there (``<layer>.gates``, [M, kept]) and the router (``router.*``). A column
+evaluation gates there (``<layer>.gates``, [M, kept]) and the router (``router.*``). A column
 gated off in every expert contributes nothing for any routing, so dropping it changes no logit.
 ``export_report.json`` holds :func:`parameter_report`.
 
-Merged: for one fixed routing r, W = W0 + Δ·diag(m) with m = Σ_j r_j z_j (deterministic gates),
+Merged: for one fixed routing r, W = W0 + Δ·diag(m) with m = Σ_j r_j z_j (evaluation gates),
 written with the base's own ``save_pretrained``: transformers, vLLM or lm-eval load it without simoe.
 """
 
@@ -66,7 +66,7 @@ def parameter_report(model: SIMoEModel) -> dict:
     """Inference parameters of the compact model against a top-2 sparse-upcycled MoE.
 
     * ``base_params``: the base model's parameters (shared/tied tensors counted once).
-    * ``nonzero_delta_params``: Δ entries in columns whose deterministic gate is non-zero in at
+    * ``nonzero_delta_params``: Δ entries in columns whose evaluation gate is non-zero in at
       least one expert (a column covers ``out`` entries, a norm gate one).
     * ``gate_params``: stored gate values, M per kept column. ``router_params``: the router's.
     * ``total_inference_params`` = base + non-zero Δ + gates + router.
@@ -82,7 +82,7 @@ def parameter_report(model: SIMoEModel) -> dict:
         return sum(p.numel() for p in module.parameters() if id(p) not in simoe_tensors)
 
     base = base_count(model.base_model)
-    kept = [int((hard_concrete.deterministic(layer.log_alpha) > 0).any(dim=0).sum()) for layer in layers]
+    kept = [int((layer.eval_gates() > 0).any(dim=0).sum()) for layer in layers]
     delta = sum(k * layer.params_per_gate for k, layer in zip(kept, layers, strict=True))
     gates = sum(kept) * model.simoe_config.num_experts
     router = sum(p.numel() for p in model.router.parameters())
@@ -125,7 +125,7 @@ def save_compact(model: SIMoEModel, directory: str | os.PathLike) -> dict:
     os.makedirs(directory, exist_ok=True)
     tensors = {}
     for name, layer in model.simoe_layers():
-        gates = hard_concrete.deterministic(layer.log_alpha)
+        gates = layer.eval_gates()
         columns = (gates > 0).any(dim=0).nonzero().squeeze(1)
         tensors[f"{name}.columns"] = columns
         tensors[f"{name}.delta"] = layer.delta.index_select(_column_dim(layer), columns)
@@ -140,10 +140,10 @@ def save_compact(model: SIMoEModel, directory: str | os.PathLike) -> dict:
     return report
 
 
-def _log_alpha_for(gates: torch.Tensor) -> torch.Tensor:
-    """log α (same dtype, device and shape) whose deterministic gates are ``gates``.
+def _log_alpha_for(gates: torch.Tensor, regime: str) -> torch.Tensor:
+    """log α (same dtype, device and shape) whose evaluation gates (``regime``'s) are ``gates``.
 
-    The deterministic gate is monotone in log α, so bisection on the float values finds, for
+    The evaluation gate is monotone in log α, so bisection on the float values finds, for
     each gate, the smallest log α reaching it; the gates were produced by this same function, so
     that log α reproduces them bit for bit (on another device the nearest attainable value is
     taken). Gates are evaluated on a tensor of the layer's shape, as the forward evaluates them.
@@ -154,9 +154,9 @@ def _log_alpha_for(gates: torch.Tensor) -> torch.Tensor:
         done = (mid == lo) | (mid == hi)  # lo and hi are adjacent floats
         if bool(done.all()):
             break
-        up = (hard_concrete.deterministic(mid) >= gates) & ~done
+        up = (hard_concrete.gates(mid, regime, training=False) >= gates) & ~done
         hi, lo = torch.where(up, mid, hi), torch.where(up | done, lo, mid)
-    error_hi, error_lo = ((hard_concrete.deterministic(x) - gates).abs() for x in (hi, lo))
+    error_hi, error_lo = ((hard_concrete.gates(x, regime, training=False) - gates).abs() for x in (hi, lo))
     return torch.where(error_hi <= error_lo, hi, lo)
 
 
@@ -175,8 +175,8 @@ def load_compact(base_model: PreTrainedModel, directory: str | os.PathLike) -> S
 
     Returns a :class:`SIMoEModel` in eval mode that computes the exported model's logits exactly:
     Δ is the stored Δ on the kept columns and 0 elsewhere; log α is chosen so that the
-    deterministic gates equal the stored gate values bit for bit (0 on dropped columns). Only
-    the deterministic gates are preserved, not the training-time gate distribution: a compact
+    evaluation gates equal the stored gate values bit for bit (0 on dropped columns). Only
+    the evaluation gates are preserved, not a stochastic regime's training-time gate distribution: a compact
     model is for inference.
     """
     config = SIMoEConfig.from_pretrained(directory)
@@ -210,10 +210,10 @@ def load_compact(base_model: PreTrainedModel, directory: str | os.PathLike) -> S
         columns = columns.to(device)
         layer.delta.zero_().index_copy_(dim, columns, delta.to(device, layer.delta.dtype))
         full = torch.zeros_like(layer.log_alpha).index_copy_(1, columns, gates.to(device, torch.float32))
-        layer.log_alpha.copy_(_log_alpha_for(full))
-        error = float((hard_concrete.deterministic(layer.log_alpha) - full).abs().max())
+        layer.log_alpha.copy_(_log_alpha_for(full, config.gate_regime))
+        error = float((layer.eval_gates() - full).abs().max())
         if error > 1e-6:
-            raise ValueError(f"{path}: {name}.gates are not hard-concrete deterministic gates "
+            raise ValueError(f"{path}: {name}.gates are not {config.gate_regime} hard-concrete gates "
                              f"(off by {error:.2g})")
     model.router.load_state_dict({k.removeprefix("router."): v for k, v in loaded.items()
                                   if k.startswith("router.")})
@@ -307,7 +307,7 @@ def merged_state_dict(model: SIMoEModel, routing: torch.Tensor) -> dict[str, tor
     state = model.base_model.state_dict()
     for name, layer in model.simoe_layers():
         # m = r @ z, computed as set_routing computes it for a batch
-        mix = routing.to(layer.log_alpha)[None] @ hard_concrete.deterministic(layer.log_alpha)
+        mix = routing.to(layer.log_alpha)[None] @ layer.eval_gates()
         mix = mix[0, :, None] if isinstance(layer.base, Conv1D) else mix[0]
         w0 = layer.base.weight
         merged = (w0.float() + layer.delta * mix).to(w0.dtype)

@@ -8,6 +8,16 @@ A gate z in [0, 1] is a stretched, clamped binary-concrete sample:
 
 Stretching to (gamma, zeta) = (-0.1, 1.1) and clamping puts real probability mass on
 exactly 0 and exactly 1, so the gates are sparse while log_alpha stays differentiable.
+
+Two regimes decide which gates training and evaluation use (``REGIMES``; :func:`gates` is the one
+function every caller goes through):
+
+* ``noise-free`` (SMAT's, with one difference): training and evaluation both use the noise-free
+  gate z = clamp(sigmoid(log_alpha / beta)(zeta - gamma) + gamma, 0, 1) (u = 1/2, beta = 2/3).
+  SMAT evaluates with beta = 1; we keep beta = 2/3, so the evaluated model *is* the trained one.
+  A gate is exactly 0 below log_alpha = beta log(-gamma/zeta) (``NOISE_FREE_ZERO``, -1.599).
+* ``stochastic`` (Louizos et al., CoFi): training samples u ~ U(eps, 1 - eps); evaluation uses the
+  deterministic gate with beta = 1 (:func:`deterministic`).
 """
 
 from __future__ import annotations
@@ -21,6 +31,9 @@ BETA = 2.0 / 3.0
 GAMMA = -0.1
 ZETA = 1.1
 EPS = 1e-6
+REGIMES = ("noise-free", "stochastic")
+# log α at which the noise-free gate (and the stochastic gate's P(z != 0) = 1/2) leaves 0
+NOISE_FREE_ZERO = BETA * math.log(-GAMMA / ZETA)
 
 # Gauss-Legendre nodes on [0, 1] for E[z] = integral_0^1 P(z > t) dt. The integrand is smooth,
 # so 8 nodes are accurate to ~1e-4 while costing only 8x a gate vector.
@@ -45,6 +58,26 @@ def sample(log_alpha: torch.Tensor, generator: torch.Generator | None = None) ->
 def deterministic(log_alpha: torch.Tensor) -> torch.Tensor:
     """The gates used at evaluation and export: the noise-free (u = 1/2) gate with beta = 1."""
     return _stretch(torch.sigmoid(log_alpha))
+
+
+def noise_free(log_alpha: torch.Tensor) -> torch.Tensor:
+    """The noise-free gate (u = 1/2, beta = 2/3): differentiable in ``log_alpha`` where 0 < z < 1."""
+    return _stretch(torch.sigmoid(log_alpha / BETA))
+
+
+def gates(log_alpha: torch.Tensor, regime: str, training: bool,
+          generator: torch.Generator | None = None) -> torch.Tensor:
+    """The gates of ``regime`` in training or evaluation: the one place that decides them.
+
+    Evaluation, generation, the sparsity report, both exports and the analyses all use
+    ``gates(..., training=False)``; training uses ``training=True``. For ``noise-free`` the two
+    are the same function.
+    """
+    if regime == "noise-free":
+        return noise_free(log_alpha)
+    if regime != "stochastic":
+        raise ValueError(f"gate regime must be one of {REGIMES}, got {regime!r}")
+    return sample(log_alpha, generator) if training else deterministic(log_alpha)
 
 
 def prob_nonzero(log_alpha: torch.Tensor) -> torch.Tensor:

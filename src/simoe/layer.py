@@ -78,12 +78,25 @@ class _MaskedDelta(torch.autograd.Function):
         return grad_x, grad_mix, grad_delta, None, None
 
 
-class SIMoELayer(nn.Module):
-    """Common state of every SIMoE layer: ``base`` (frozen), ``delta`` and ``log_alpha``."""
+def _straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """``value`` in the forward, ``surrogate``'s gradient in the backward."""
+    return value + (surrogate - surrogate.detach())
 
-    def __init__(self, base: nn.Module, num_experts: int, init_logit: float, init_std: float):
+
+class SIMoELayer(nn.Module):
+    """Common state of every SIMoE layer: ``base`` (frozen), ``delta`` and ``log_alpha``.
+
+    ``regime`` (``hard_concrete.REGIMES``) decides the gates; every gate the layer hands out comes
+    from :func:`hard_concrete.gates`.
+    """
+
+    def __init__(self, base: nn.Module, num_experts: int, init_logit: float, init_std: float,
+                 regime: str = "noise-free"):
         super().__init__()
+        if regime not in hard_concrete.REGIMES:
+            raise ValueError(f"gate regime must be one of {hard_concrete.REGIMES}, got {regime!r}")
         self.base = base
+        self.regime = regime
         weight = base.weight
         self.delta = nn.Parameter(torch.zeros(weight.shape, dtype=torch.float32, device=weight.device))
         log_alpha = torch.full(
@@ -104,11 +117,35 @@ class SIMoELayer(nn.Module):
         """How many entries of Δ one gate switches: a whole column, or one element."""
         return self.base.weight.numel() // self.in_features
 
-    def gates(self) -> torch.Tensor:
-        """[M, in_features]: sampled while training, deterministic in eval."""
-        if self.training:
-            return hard_concrete.sample(self.log_alpha)
-        return hard_concrete.deterministic(self.log_alpha)
+    def gates(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[M, in_features]: the training gates in train mode, the evaluation gates in eval mode."""
+        return hard_concrete.gates(self.log_alpha, self.regime, self.training, generator)
+
+    def eval_gates(self) -> torch.Tensor:
+        """[M, in_features]: the gates evaluation, generation, exports and analyses use."""
+        return hard_concrete.gates(self.log_alpha, self.regime, training=False)
+
+    def expected_gates(self) -> torch.Tensor:
+        """E[z] under the training gates, differentiable (what the orthogonality penalty compares)."""
+        if self.regime == "noise-free":
+            return hard_concrete.noise_free(self.log_alpha)
+        return hard_concrete.expected(self.log_alpha)
+
+    def prob_nonzero(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """P(z != 0) under the training gates, per expert [M, in] and for their union [in].
+
+        Stochastic: the closed form, and 1 - Π_m (1 - p_m) for the union (independent gates).
+        Noise-free: the gate is a function of log α, so the probability is 0 or 1 (the
+        evaluated density exactly); its gradient is the stochastic form's, sigmoid(log α - θ),
+        straight through, and the union's is their sum over experts, which pushes every expert
+        that keeps a column (the product's gradient would vanish once another expert is on).
+        """
+        if self.regime == "stochastic":
+            p = hard_concrete.prob_nonzero(self.log_alpha)
+            return p, 1.0 - torch.prod(1.0 - p, dim=0)
+        on = (self.eval_gates() > 0).to(self.log_alpha.dtype)
+        soft = hard_concrete.prob_nonzero(self.log_alpha)
+        return _straight_through(on, soft), _straight_through(on.amax(dim=0), soft.sum(dim=0))
 
     def set_routing(self, routing: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
         """Merge the experts for a batch: m = r @ z, with ``gates`` z drawn by :meth:`gates`.
@@ -136,10 +173,10 @@ class SIMoELinear(SIMoELayer):
     """Wraps ``nn.Linear`` (weight out x in) or GPT-2's ``Conv1D`` (weight in x out)."""
 
     def __init__(self, base: nn.Linear | Conv1D, num_experts: int, init_logit: float,
-                 init_std: float):
+                 init_std: float, regime: str = "noise-free"):
         if not isinstance(base, (nn.Linear, Conv1D)):
             raise TypeError(f"SIMoELinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
-        super().__init__(base, num_experts, init_logit, init_std)
+        super().__init__(base, num_experts, init_logit, init_std, regime)
         self.active: torch.Tensor | None = None  # input columns with a non-zero gate; None: all
 
     def set_routing(self, routing: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:

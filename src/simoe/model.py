@@ -9,12 +9,13 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from simoe import hard_concrete, objectives
+from simoe import objectives
 from simoe.config import CONFIG_NAME, WEIGHTS_NAME, SIMoEConfig
+from simoe.data import template_affixes
 from simoe.layer import SIMoELayer, SIMoELinear, SIMoENorm
-from simoe.router import PromptRoutedModel, Router, masked_mean
+from simoe.router import PromptRoutedModel, Router, masked_mean, skip_template
 from simoe.state_files import load_state_into, save_state
 from simoe.targets import find_targets, is_linear
 
@@ -46,7 +47,8 @@ class SIMoEModel(PromptRoutedModel):
         base_model.requires_grad_(False)
         for name, module in targets:
             cls = SIMoELinear if is_linear(module) else SIMoENorm
-            layer = cls(module, config.num_experts, config.mask_init_logit, config.mask_init_std)
+            layer = cls(module, config.num_experts, config.mask_init_logit, config.mask_init_std,
+                        config.gate_regime)
             base_model.set_submodule(name, layer)
         if config.base_model_name_or_path is None:  # record it without touching the caller's config
             name = getattr(base_model, "name_or_path", None) or None
@@ -122,6 +124,9 @@ class SIMoEModel(PromptRoutedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = attention_mask if prompt_mask is None else attention_mask * prompt_mask
+        c = self.simoe_config
+        if c.router_span == "user":
+            mask = skip_template(input_ids, mask, c.template_prefix_ids, c.template_suffix_ids)
         with torch.no_grad():  # the base is frozen: its features need no graph
             if self.simoe_config.router_input == "embedding-mean":
                 hidden = self.base_model.get_input_embeddings()(input_ids)
@@ -154,15 +159,15 @@ class SIMoEModel(PromptRoutedModel):
     def set_routing(self, routing: torch.Tensor) -> None:
         """Merge every layer's expert masks with ``routing`` [batch, M]: m = r @ z.
 
-        Gates are sampled here, once per forward (train mode), or deterministic (eval mode).
+        Gates are drawn here, once per forward: the training gates in train mode (sampled for the
+        stochastic regime), the evaluation gates in eval mode.
         """
         m = self.simoe_config.num_experts
         if routing.dim() != 2 or routing.shape[1] != m:
             raise ValueError(f"routing must have shape [batch, {m}], got {tuple(routing.shape)}")
         routing = routing.float()
         for _, layer in self.simoe_layers():
-            gates = hard_concrete.sample(layer.log_alpha, self.gate_generator) if layer.training else None
-            layer.set_routing(routing, gates)
+            layer.set_routing(routing, layer.gates(self.gate_generator))
 
     @contextlib.contextmanager
     def bypass(self) -> Iterator[None]:
@@ -249,9 +254,16 @@ class SIMoEModel(PromptRoutedModel):
         return model
 
 
-def upcycle(base_model: PreTrainedModel, config: SIMoEConfig | None = None) -> SIMoEModel:
+def upcycle(base_model: PreTrainedModel, config: SIMoEConfig | None = None,
+            tokenizer: PreTrainedTokenizerBase | None = None) -> SIMoEModel:
     """Freeze ``base_model`` and upcycle its targeted modules into SIMoE layers (in place).
 
     Right after upcycling Δ = 0, so the model computes exactly what the base model computes.
+    With ``tokenizer``, the chat template's fixed text around the user turn is recorded in the
+    config, so that ``router_span='user'`` skips it.
     """
-    return SIMoEModel(base_model, config if config is not None else SIMoEConfig())
+    config = config if config is not None else SIMoEConfig()
+    if tokenizer is not None and config.template_prefix_ids is None:
+        prefix, suffix = template_affixes(tokenizer)
+        config = dataclasses.replace(config, template_prefix_ids=prefix, template_suffix_ids=suffix)
+    return SIMoEModel(base_model, config)

@@ -13,7 +13,6 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from simoe import hard_concrete
 from simoe.config import SIMoEConfig
 from simoe.layer import SIMoELayer
 
@@ -25,15 +24,16 @@ def _layers(layers: Iterable[SIMoELayer] | Iterable[tuple[str, SIMoELayer]]) -> 
 def expected_density(layers: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
     """Expected density of each expert [M] and of their union (scalar), differentiable.
 
-    d_m = Σ_gates P(z_m != 0) · params(gate) / total; the union's gate is non-zero when any
-    expert's is, P = 1 - Π_m (1 - p_m), assuming independent gates (they are, by construction).
+    d_m = Σ_gates P(z_m != 0) · params(gate) / total, and the same for the union's gate, which is
+    non-zero when any expert's is (:meth:`SIMoELayer.prob_nonzero` gives both, per gate regime).
+    With noise-free gates these are the evaluated densities exactly.
     """
     per_expert, union, total = 0.0, 0.0, 0
     for layer in _layers(layers):
-        p = hard_concrete.prob_nonzero(layer.log_alpha)  # [M, in]
+        p, p_union = layer.prob_nonzero()  # [M, in], [in]
         w = layer.params_per_gate
         per_expert = per_expert + p.sum(dim=1) * w
-        union = union + (1.0 - torch.prod(1.0 - p, dim=0)).sum() * w
+        union = union + p_union.sum() * w
         total += layer.base.weight.numel()
     return per_expert / total, union / total
 
@@ -46,10 +46,10 @@ def constrained_density(layers: Iterable, scope: str) -> torch.Tensor:
 
 @torch.no_grad()
 def deterministic_nonzero(layers: Iterable) -> tuple[torch.Tensor, int, int]:
-    """Δ entries switched on by the deterministic (eval) gates: per expert [M], union, total."""
+    """Δ entries switched on by the evaluation gates: per expert [M], union, total."""
     per_expert, union, total = 0, 0, 0
     for layer in _layers(layers):
-        on = hard_concrete.deterministic(layer.log_alpha) > 0
+        on = layer.eval_gates() > 0
         w = layer.params_per_gate
         per_expert = per_expert + on.sum(dim=1).long() * w
         union += int(on.any(dim=0).sum()) * w
@@ -64,7 +64,7 @@ def orthogonality(layers: Iterable) -> torch.Tensor:
     """
     gram = None
     for layer in _layers(layers):
-        ez = hard_concrete.expected(layer.log_alpha)  # [M, in]
+        ez = layer.expected_gates()  # [M, in]
         g = (ez * layer.params_per_gate) @ ez.T
         gram = g if gram is None else gram + g
     num_experts = gram.shape[0]
@@ -88,32 +88,54 @@ def _reverse_grad(grad: torch.Tensor) -> torch.Tensor:
 
 
 class SparsityLagrangian(nn.Module):
-    """λ1 g + λ2 g², g = max(d - t, 0), summed over constraints, with λ maximised.
+    """λ1 g + λ2 g², summed over constraints, with λ maximised.
 
-    The constraint is the budget d <= t (CoFi's form has g = d - t, an equality). With the
-    equality, a model below its target is pushed to densify, and while t warms up from 1.0 the
-    initial density (< 1) drove λ1 negative and the density *up*, so the multipliers wound up in
-    the wrong direction before the target even fell; the budget form has neither problem and
-    settles at d ≈ t from above (tested in test_train.py).
+    Noise-free gates: g = d - t, an equality (CoFi's form). d is the evaluated density itself,
+    and its straight-through gradient reaches gates just below zero too, so when d falls under t
+    λ1 turns negative and revives the columns that died last: the density settles *at* t rather
+    than overshooting (a budget lets Adam's momentum carry it on down once g = 0).
+    Stochastic gates: g = max(d - t, 0), a budget d <= t. Their expected density starts below
+    the warm-up's initial target 1.0, and with the equality λ1 went negative and pushed the
+    density *up* before the target even fell; the budget settles at d ≈ t from above (tested in
+    test_train.py).
+    :meth:`release_met` (called after every optimizer step) resets λ1 to 0 where a constraint is
+    met but λ1 still pushes past it, as SMAT resets an expert's multiplier once it meets its
+    target: without it λ1, wound up while the density lagged the falling warm-up target, keeps
+    pushing for as many steps as it took to wind up, and the density overshoots far below t.
     The multipliers' gradients are negated by a hook, so any ordinary optimizer performing
     descent on the total loss performs *ascent* on λ (CoFi pruning uses a negative lr instead,
     which torch's optimizers reject). One pair of λ per expert (scope "expert") or one pair for
     the union of experts (scope "union").
     """
 
-    def __init__(self, num_constraints: int):
+    def __init__(self, num_constraints: int, equality: bool = False):
         super().__init__()
+        self.equality = equality
         self.lambda1 = nn.Parameter(torch.zeros(num_constraints))
         self.lambda2 = nn.Parameter(torch.zeros(num_constraints))
         for p in (self.lambda1, self.lambda2):
             p.register_hook(_reverse_grad)
+        self.last_gap: torch.Tensor | None = None  # d - t at the last forward
+
+    @torch.no_grad()
+    def release_met(self) -> None:
+        """λ1 := 0 where the last gap says the constraint is met (d <= t) yet λ1 > 0 still pushes
+        the density down, or d >= t yet λ1 < 0 still pushes it up."""
+        if self.last_gap is None:
+            return
+        wrong_way = ((self.last_gap <= 0) & (self.lambda1 > 0)) | ((self.last_gap >= 0) & (self.lambda1 < 0))
+        self.lambda1.masked_fill_(wrong_way, 0.0)
 
     @classmethod
     def for_config(cls, config: SIMoEConfig) -> SparsityLagrangian:
-        return cls(1 if config.sparsity_scope == "union" else config.num_experts)
+        return cls(1 if config.sparsity_scope == "union" else config.num_experts,
+                   equality=config.gate_regime == "noise-free")
 
     def forward(self, density: torch.Tensor, target: float) -> torch.Tensor:
-        gap = (density.reshape(-1) - target).clamp_min(0.0)  # d <= t: an inequality, see the docstring
+        gap = density.reshape(-1) - target
+        self.last_gap = gap.detach()
+        if not self.equality:
+            gap = gap.clamp_min(0.0)  # d <= t: a budget, see the docstring
         if gap.numel() != self.lambda1.numel():
             raise ValueError(f"{gap.numel()} densities for {self.lambda1.numel()} constraints")
         return (self.lambda1 * gap + self.lambda2 * gap.pow(2)).sum()

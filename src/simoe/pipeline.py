@@ -18,7 +18,7 @@ import yaml
 from transformers import HfArgumentParser, set_seed
 
 from simoe.baselines import METHODS, BaselineConfig, build, parameter_counts
-from simoe.config import SIMoEConfig
+from simoe.config import RECORDED_FIELDS, SIMoEConfig
 from simoe.train import BaselineTrainer, SIMoETrainer, SIMoETrainingArguments
 
 
@@ -88,7 +88,6 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-_RECORDED = "base_model_name_or_path"  # set from --model_name_or_path, never by hand
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type = SIMoEConfig) -> None:
@@ -96,7 +95,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type = SIMoEConfi
     title = "SIMoE options (SIMoEConfig)" if cls is SIMoEConfig else "baseline options (BaselineConfig)"
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
-        if f.name == _RECORDED:
+        if f.name in RECORDED_FIELDS:  # set from the base model and tokenizer, never by hand
             continue
         help_text = f"{f.metadata.get('help', '')} (default: {f.default})".replace("%", "%%")
         if f.name == "target_modules":
@@ -198,7 +197,7 @@ def run_train(
         attn_implementation=model_args.attn_implementation,
     )
     config = dataclasses.replace(config, base_model_name_or_path=model_args.model_name_or_path)
-    model = build(model_args.method, base, config)
+    model = build(model_args.method, base, config, tokenizer)
     with training_args.main_process_first(desc="tokenizing"):
         dataset, stats = build_dataset(
             data_args.data, tokenizer, data_format=data_args.data_format,

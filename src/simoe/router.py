@@ -20,6 +20,37 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * mask).sum(dim=1) / counts.to(hidden.dtype).unsqueeze(-1)
 
 
+def skip_template(
+    input_ids: torch.Tensor, mask: torch.Tensor, prefix: list[int] | None, suffix: list[int] | None
+) -> torch.Tensor:
+    """``mask`` [batch, seq] without the chat template's fixed ``prefix`` and ``suffix`` tokens.
+
+    The prefix is dropped where it starts a row's masked span, the suffix where it ends it (rows
+    may be left- or right-padded); a row where either is absent (e.g. cut by truncation) keeps
+    those tokens. A row left with nothing to read keeps its whole span.
+    """
+    mask = mask.long()
+    keep = mask.clone()
+    seq = mask.shape[1]
+    positions = torch.arange(seq, device=mask.device)
+    for ids, at_start in ((prefix, True), (suffix, False)):
+        if not ids or len(ids) > seq:
+            continue
+        n = len(ids)
+        if at_start:
+            first = mask.argmax(dim=1)
+        else:
+            first = seq - mask.flip(1).argmax(dim=1) - n  # the last n masked positions
+        index = (first[:, None] + torch.arange(n, device=mask.device)).clamp(0, seq - 1)
+        target = torch.tensor(ids, device=input_ids.device, dtype=input_ids.dtype)
+        match = (input_ids.gather(1, index) == target).all(dim=1) & mask.gather(1, index).bool().all(dim=1)
+        match &= first >= 0
+        span = (positions[None] >= first[:, None]) & (positions[None] < first[:, None] + n)
+        keep = keep * ~(span & match[:, None])
+    empty = keep.sum(dim=1) == 0
+    return torch.where(empty[:, None], mask, keep)
+
+
 class Router(nn.Module):
     """LayerNorm -> Linear -> GELU -> Linear(M), then softmax(logits / τ)."""
 
@@ -51,7 +82,6 @@ class PromptRoutedModel(nn.Module):
     """
 
     base_model: nn.Module
-    last_routing: torch.Tensor | None = None  # detached, for logging (router entropy)
 
     def forward(
         self,
@@ -74,9 +104,10 @@ class PromptRoutedModel(nn.Module):
                 raise ValueError("decoding with a cache needs routing=model.route(prompt ids); "
                                  "model.generate does this for you")
             routing = self.route(input_ids, attention_mask, prompt_mask)
-        self.last_routing = routing.detach()
         self.set_routing(routing)
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        outputs["routing"] = routing  # with its graph, for routing terms of the loss
+        return outputs
 
     @torch.no_grad()
     def generate(

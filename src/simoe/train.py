@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
@@ -68,7 +69,8 @@ def _steps(value: float, total: int) -> int:
 
 
 class _AfterOptimizerStep(TrainerCallback):
-    """Clamp log α into range (clamping data keeps gradients alive) and clear λ's gradients,
+    """Clamp log α into range (clamping data keeps gradients alive), reset λ1 where its constraint
+    is met (``SparsityLagrangian.release_met``) and clear λ's gradients,
     which Trainer's ``model.zero_grad()`` does not reach: λ lives beside the model, not in it."""
 
     def __init__(self, regularizer: SIMoERegularizer):
@@ -76,7 +78,53 @@ class _AfterOptimizerStep(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         model.clamp_mask_logits_()
+        self.regularizer.lagrangian.release_met()
         self.regularizer.zero_grad(set_to_none=True)
+
+
+def console_line(logs: dict[str, float], state) -> str:
+    """One compact line for a training log: step, loss terms, densities, λ, routing, speed."""
+    parts = [f"step {state.global_step}/{state.max_steps}"]
+    if "nll" in logs:
+        parts.append(f"nll {logs['nll']:.3f}")
+        if "gate_gap" in logs:
+            parts.append(f"gap {logs['gate_gap']:+.3f}")
+        parts.append(f"union {logs['density/union_deterministic']:.3f} eval / "
+                     f"{logs['density/union_expected']:.3f} exp (target {logs['target_density']:.3f})")
+        lambdas = [v for k, v in logs.items() if k == "lambda1" or k.startswith("lambda1/")]
+        parts.append(f"λ {max(lambdas):.3g}")
+        parts.append(f"H(r) {logs['router_entropy']:.2f}")
+    elif "loss" in logs:
+        parts.append(f"loss {logs['loss']:.3f}")
+    if "grad_norm" in logs:
+        parts.append(f"|g| {logs['grad_norm']:.3g}")
+    if "learning_rate" in logs:
+        parts.append(f"lr {logs['learning_rate']:.2e}")
+    return " · ".join(parts)
+
+
+class _CompactProgress(ProgressCallback):
+    """Trainer's progress bar, with one compact line per log instead of the whole metric dict
+    (which still goes to ``report_to`` backends and ``trainer_state.json``)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "train_runtime" in logs:
+            return
+        if "loss" not in logs and "nll" not in logs:
+            return super().on_log(args, state, control, logs=logs, **kwargs)
+        line = console_line(logs, state)
+        if self.training_bar is not None:
+            self.training_bar.write(line)
+        else:
+            print(line, flush=True)
+
+
+def compact_console(trainer: Trainer) -> None:
+    """Swap Trainer's dict-printing callbacks for :class:`_CompactProgress`."""
+    for cls in (ProgressCallback, PrinterCallback):
+        if trainer.pop_callback(cls) is not None:
+            trainer.add_callback(_CompactProgress)
+            return
 
 
 class _StagedCheckpoints:
@@ -129,9 +177,12 @@ class SIMoETrainer(_StagedCheckpoints, Trainer):
         self.regularizer = SIMoERegularizer(model.simoe_config, warmup_steps=0).to(args.device)
         model.seed_gates(args.seed)  # the same seed on every rank: identical gate noise
         self._gate_step, self._gate_state = -1, None
-        # [NLL sum, response tokens, router-entropy sum, examples] since the last log
-        self._window = torch.zeros(4, dtype=torch.float64, device=args.device)
+        # Since the last log: [NLL sum, response tokens, router-entropy sum, examples, routing
+        # information sum, micro-batches, train-gate NLL sum, eval-gate NLL sum, tokens] where the
+        # last three cover the batches of logging steps only (see gate_gap)
+        self._window = torch.zeros(9, dtype=torch.float64, device=args.device)
         self.add_callback(_AfterOptimizerStep(self.regularizer))
+        compact_console(self)
 
     # ------------------------------------------------------------------ schedules
     def router_temperature(self, step: int) -> float:
@@ -168,6 +219,8 @@ class SIMoETrainer(_StagedCheckpoints, Trainer):
         step = self.state.global_step
         simoe.set_router_temperature(self.router_temperature(step))
         self._same_gates_within_step(simoe.gate_generator, step)
+        # Before the training forward, whose gates activation checkpointing must find in place.
+        eval_nll = self._eval_gate_nll(model, inputs) if self._logs_after(step) else None
         if num_items_in_batch is None:
             num_items_in_batch = local_tokens
         # The base's loss is Σ token NLL / num_items_in_batch (tokens of the whole accumulated and,
@@ -178,15 +231,42 @@ class SIMoETrainer(_StagedCheckpoints, Trainer):
         ranks = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         self.regularizer.warmup_steps = _steps(self.args.sparsity_warmup_steps, self.state.max_steps)
         reg, _ = self.regularizer(simoe.simoe_layers(), step)
-        loss = nll * ranks + reg / self.current_gradient_accumulation_steps
+        routing = outputs["routing"]
+        information = routing_information(routing)
+        weight = simoe.simoe_config.router_information_weight
+        loss = nll * ranks + (reg - weight * information) / self.current_gradient_accumulation_steps
 
-        r = simoe.last_routing
+        r = routing.detach()
         entropy = -(r * r.clamp_min(1e-12).log()).sum(-1)
-        self._window += torch.stack([
-            nll.detach().double() * num_items_in_batch, local_tokens.double(),
-            entropy.sum().double(), torch.tensor(float(r.shape[0]), device=r.device, dtype=torch.float64),
-        ]).to(self._window.device)
+        nll_sum = nll.detach().double() * num_items_in_batch
+        gap = (torch.stack([nll_sum, eval_nll, local_tokens.double()]) if eval_nll is not None
+               else torch.zeros(3, dtype=torch.float64, device=nll.device))
+        self._window += torch.cat([torch.stack([
+            nll_sum, local_tokens.double(), entropy.sum().double(),
+            torch.tensor(float(r.shape[0]), device=r.device, dtype=torch.float64),
+            information.detach().double(), torch.ones((), device=r.device, dtype=torch.float64),
+        ]), gap.to(nll.device)]).to(self._window.device)
         return (loss, outputs) if return_outputs else loss
+
+    def _logs_after(self, step: int) -> bool:
+        """Whether Trainer logs after the optimizer step that ``step`` (0-based) is about to take."""
+        every = self.args.logging_steps
+        every = _steps(every, self.state.max_steps) if every < 1 else int(every)
+        return every > 0 and (step + 1) % every == 0
+
+    @torch.no_grad()
+    def _eval_gate_nll(self, model, inputs) -> torch.Tensor:
+        """Σ response-token NLL of this micro-batch with the evaluation gates (eval mode), for the
+        logged gate gap: eval-gate NLL minus train-gate NLL on the same tokens, before this step's
+        update. Zero up to dropout for noise-free gates; what the stochastic regime loses at
+        evaluation."""
+        model.eval()
+        try:
+            outputs = model(**inputs)
+        finally:
+            model.train()
+        tokens = inputs["labels"][:, 1:].ne(-100).sum()
+        return outputs.loss.detach().double() * tokens
 
     def _same_gates_within_step(self, generator: torch.Generator, step: int) -> None:
         """Every micro-batch of an optimizer step draws the same gates (log α does not change
@@ -218,12 +298,15 @@ class SIMoETrainer(_StagedCheckpoints, Trainer):
         out = {
             "nll": (window[0] / window[1].clamp_min(1)).item(),
             "router_entropy": (window[2] / window[3].clamp_min(1)).item(),
+            "router_information": (window[4] / window[5].clamp_min(1)).item(),
             "router_temperature": self.router_temperature(step),
             "target_density": parts["target_density"],
             "orthogonality": float(parts["orthogonality"]),
             "density/union_expected": exp_union.item(),
             "density/union_deterministic": det_union / total,
         }
+        if window[8] > 0:
+            out["gate_gap"] = ((window[7] - window[6]) / window[8]).item()
         for m, (e, d) in enumerate(zip(exp_expert.tolist(), det_expert.tolist(), strict=True)):
             out[f"density/expert{m}_expected"] = e
             out[f"density/expert{m}_deterministic"] = d / total
@@ -263,6 +346,16 @@ class SIMoETrainer(_StagedCheckpoints, Trainer):
             self.accelerator.unwrap_model(self.model).gate_generator.set_state(load_file(path)["state"])
 
 
+def routing_information(routing: torch.Tensor) -> torch.Tensor:
+    """I(prompt; expert) over a batch, H(mean r) - mean H(r), in nats: 0 when every prompt has the
+    same routing (or a uniform one), ln M when each prompt picks one expert and all are used
+    equally. SIMoETrainer adds -router_information_weight times it to the loss."""
+    def entropy(p: torch.Tensor) -> torch.Tensor:
+        return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+    return entropy(routing.mean(dim=0)) - entropy(routing).mean()
+
+
 class BaselineTrainer(_StagedCheckpoints, Trainer):
     """``Trainer`` for the baselines (``simoe.baselines``) on the same batches as SIMoE.
 
@@ -277,6 +370,7 @@ class BaselineTrainer(_StagedCheckpoints, Trainer):
 
         self.routes_on_prompt = isinstance(model, SMEARModel)
         super().__init__(model=model, args=args, **kwargs)
+        compact_console(self)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
 
@@ -30,13 +30,15 @@ __all__ = [
 
 
 def build(
-    method: str, base: PreTrainedModel, options: BaselineConfig | SIMoEConfig | None = None
+    method: str, base: PreTrainedModel, options: BaselineConfig | SIMoEConfig | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> nn.Module:
     """The trainable model of ``method`` built from ``base``, with ``requires_grad`` set.
 
     ``options``: a :class:`SIMoEConfig` for ``"simoe"``, a :class:`BaselineConfig` for the others
     (None: the defaults). ``sparse-upcycling`` returns a new model and leaves ``base`` as it is; the
-    other methods modify ``base`` in place.
+    other methods modify ``base`` in place. SIMoE records the ``tokenizer``'s chat-template text
+    around the user turn (see :func:`simoe.model.upcycle`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
@@ -46,7 +48,7 @@ def build(
     elif not isinstance(options, expected):
         raise ValueError(f"method {method!r} takes a {expected.__name__}, got {type(options).__name__}")
     if method == "simoe":
-        return upcycle(base, options)
+        return upcycle(base, options, tokenizer)
     if method == "full":
         return base.requires_grad_(True)
     if method == "lora":

@@ -137,7 +137,7 @@ def test_router_reads_the_user_turn_the_same_way_in_training_and_generation():
         # reference: the router on the mean embedding of the user text's tokens alone
         user_ids = [tok(u, add_special_tokens=False)["input_ids"] for u in users]
         emb = model.base_model.get_input_embeddings()
-        reference = torch.stack([model.router(emb(torch.tensor(u)).mean(0, keepdim=True))[0] for u in user_ids])
+        reference = torch.cat([model.router(emb(torch.tensor(u)).mean(0, keepdim=True)) for u in user_ids])
         assert torch.allclose(routed, reference, atol=1e-6)
         # training features: right-padded, with the response after the prompt
         rows = [tokenize_record({"messages": [*m, {"role": "assistant", "content": "ok"}]}, tok, 200)

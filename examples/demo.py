@@ -46,7 +46,17 @@ def main(argv: list[str]) -> None:
     print(f"== base model {model_args.model_name_or_path}: zero-shot exact match on "
           f"{len(evaluation)} test prompts")
     base, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, dtype=model_args.dtype)
-    base_em = exact_match_by_group(base, tokenizer, evaluation, **score)
+    # the base's scores depend only on the model and the prompts: kept beside the run, reused by a rerun
+    cache = os.path.join(training_args.output_dir, "base_exact_match.json")
+    key = {"model": model_args.model_name_or_path, "prompts": len(evaluation), "score": score}
+    cached = json.load(open(cache)) if os.path.isfile(cache) else {}
+    if cached.get("key") == key:
+        base_em = cached["exact_match"]
+    else:
+        base_em = exact_match_by_group(base, tokenizer, evaluation, **score)
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        with open(cache, "w") as f:
+            json.dump({"key": key, "exact_match": base_em}, f)
     del base
 
     print(f"== training SIMoE ({config.num_experts} experts, target sparsity {config.target_sparsity:.0%})")

@@ -258,7 +258,9 @@ def test_parameter_counts_of_moe_and_smear():
                       "active_per_token": n_base + router}
 
 
-def test_parameter_counts_of_simoe_follow_the_gates():
+def test_parameter_counts_of_simoe_follow_the_gates(tmp_path):
+    from simoe.export import save_compact
+
     base = tiny_model("llama")
     n_base = sum(p.numel() for p in base.parameters())
     config = SIMoEConfig(num_experts=2, target_modules=["down_proj"], upcycle_norms=False)
@@ -270,7 +272,10 @@ def test_parameter_counts_of_simoe_follow_the_gates():
             layer.log_alpha[1, :5] = 10.0  # 5 input columns of down_proj (32 entries each) on in expert 1
     counts = parameter_counts(model)
     assert counts["trainable"] == counts["total"] - n_base
-    assert counts["active_per_token"] == n_base + router + 2 * 5 * 32
+    # base + Δ of the 5 kept columns in 2 layers + their 2 gate values each + router
+    assert counts["active_per_token"] == n_base + router + 2 * 5 * 32 + 2 * 5 * 2
+    # the number the compact export reports
+    assert counts["active_per_token"] == save_compact(model, tmp_path)["total_inference_params"]
 
 
 def test_build_checks_method_and_options(tmp_path):

@@ -121,3 +121,29 @@ def test_training_lowers_the_nll_and_meets_the_sparsity_target(tmp_path, regime)
         nll_eval = model.eval()(**batch).loss
         nll_train = model.train()(**batch).loss
     assert nll_eval == pytest.approx(nll_train.item(), rel=0.02)
+
+
+def test_console_shows_one_compact_line_per_log(tmp_path, capsys):
+    from train_tiny import collate, dataset
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from conftest import tiny_model
+    from simoe import SIMoEConfig, upcycle
+    from simoe.train import SIMoETrainer, SIMoETrainingArguments, _CompactProgress
+
+    model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=2))
+    for disable_tqdm in (False, True):
+        args = SIMoETrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                      logging_steps=2, save_strategy="no", report_to="none", use_cpu=True,
+                                      disable_tqdm=disable_tqdm)
+        trainer = SIMoETrainer(model, args, train_dataset=dataset(16), data_collator=collate)
+        kinds = {type(c) for c in trainer.callback_handler.callbacks}
+        assert _CompactProgress in kinds and not kinds & {ProgressCallback, PrinterCallback}
+    trainer.train()
+    out = capsys.readouterr().out + capsys.readouterr().err
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split(" · ")[0] for line in lines] == ["step 2/4", "step 4/4"]
+    assert all("nll " in line and "gap " in line and "union " in line and "λ " in line and "H(r) " in line
+               for line in lines)
+    assert "{'loss'" not in out and "density/expert0" not in out  # no metric dict on the console
+    assert "density/expert0_expected" in trainer.state.log_history[0]  # it is in the log history

@@ -167,6 +167,10 @@ class SIMoEConfig:
             raise ValueError(f"router_span must be one of {ROUTER_SPANS}, got {self.router_span!r}")
         if self.router_information_weight < 0:
             raise ValueError(f"router_information_weight must be >= 0, got {self.router_information_weight}")
+        for name in ("template_prefix_ids", "template_suffix_ids"):
+            ids = getattr(self, name)
+            if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
+                raise ValueError(f"{name} must be a list of token ids, got {ids!r}")
         other = "mask_init_density" if self.gate_regime == "noise-free" else "mask_init_gate"
         if getattr(self, other) is not None:
             raise ValueError(f"{other} does not apply to gate_regime {self.gate_regime!r}; use "

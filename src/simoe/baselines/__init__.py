@@ -64,18 +64,20 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     Tied tensors count once. ``active_per_token`` is ``total`` less what one token's forward never
     touches: the E - k unselected experts of every MoE layer (sparse upcycling); E - 1 experts' worth
     of every SMEAR layer (a token runs one merged FFN); for SIMoE the Δ entries gated off in every
-    expert (deterministic gates) and the mask logits (folded into the merged mask). Embedding
+    expert and the mask logits, i.e. exactly the compact export's ``total_inference_params`` (base,
+    Δ on the kept columns, their M gate values each, router). Embedding
     matrices count in full, as the usual "active parameters" of MoE models do. A LoRA model counts
     unmerged (its merged model has the base's count).
     """
     params = list(model.parameters())
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    inactive = 0
     if isinstance(model, SIMoEModel):
-        report = model.sparsity_report()
-        inactive = report["upcycled_params"] - report["union"]["nonzero_params"]
-        inactive += sum(layer.log_alpha.numel() for _, layer in model.simoe_layers())
+        from simoe.export import parameter_report
+
+        return {"trainable": trainable, "total": total,
+                "active_per_token": parameter_report(model)["total_inference_params"]}
+    inactive = 0
     for module in model.modules():
         if isinstance(module, (MixtralExperts, Qwen2MoeExperts)):
             per_expert = (module.gate_up_proj.numel() + module.down_proj.numel()) // module.num_experts

@@ -72,6 +72,10 @@ def test_compare_runs_each_method_once_and_writes_the_study(tiny_dir, tmp_path):
     before = stamps()
     main(["compare", "--config", str(path)])
     assert stamps() == before
+    (records / "simoe-seed1.json").unlink()
+    main(["compare", "--config", str(path), "--table_only"])  # runs nothing, lists it as pending
+    assert not (records / "simoe-seed1.json").exists()
+    assert "Pending (no record yet): `simoe-seed1`" in (tmp_path / "docs" / "results.md").read_text()
     assert "My reading." in (tmp_path / "docs" / "results.md").read_text()
 
 

@@ -124,10 +124,10 @@ def test_training_lowers_the_nll_and_meets_the_sparsity_target(tmp_path, regime)
 
 
 def test_console_shows_one_compact_line_per_log(tmp_path, capsys):
+    from conftest import tiny_model
     from train_tiny import collate, dataset
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from conftest import tiny_model
     from simoe import SIMoEConfig, upcycle
     from simoe.train import SIMoETrainer, SIMoETrainingArguments, _CompactProgress
 

@@ -154,3 +154,24 @@ def test_options_of_the_other_gate_regime_are_refused():
     model = upcycle(tiny_model("llama"), SIMoEConfig(mask_init_gate=0.3, mask_init_std=0.0))
     for _, layer in model.simoe_layers():
         assert torch.allclose(layer.eval_gates(), torch.full_like(layer.log_alpha, 0.3), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_upcycled_norms_follow_the_targeted_layers(arch):
+    """upcycle_norms adds the norms of the decoder layers target_modules reaches and the final norm,
+    not those below the lowest targeted layer (they would make every backward run full depth)."""
+    from simoe.targets import decoder_layers, is_norm
+
+    base = tiny_model(arch)
+    blocks = decoder_layers(base)
+    top = len(blocks) - 1
+    config = SIMoEConfig(num_experts=2, target_modules=rf".*\.{top}\..*(q_proj|c_attn)")
+    model = upcycle(base, config)
+    names = {n for n, _ in model.simoe_layers()}
+    norms = {n for n in names if is_norm(dict(model.base_model.named_modules())[n].base)}
+    assert norms and all(f".{top}." in n or not any(f".{i}." in n for i in range(len(blocks))) for n in norms)
+    assert any(f".{top}." not in n for n in norms)  # the final norm
+    # every norm with 'all-linear'
+    every = upcycle(tiny_model(arch), SIMoEConfig(num_experts=2))
+    assert sum(isinstance(m, SIMoENorm) for m in every.modules()) == sum(
+        is_norm(m) for m in tiny_model(arch).modules())

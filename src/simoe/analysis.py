@@ -2,7 +2,7 @@
 
 1. How the router spreads task groups over the experts: mean router coefficients per group, as a
    heatmap whose rows follow a hierarchical clustering of the groups (dendrogram beside it).
-2. How much the experts' masks overlap: parameter-weighted Jaccard index of the deterministic gates.
+2. How much the experts' masks overlap: parameter-weighted Jaccard index of the evaluation gates.
 3. Where upcycling keeps parameters: the share of non-zero Δ entries by layer depth and module type.
 
 :func:`analyze` runs all three; ``simoe analyze`` calls it.
@@ -230,7 +230,7 @@ def _gates_on(layer) -> torch.Tensor:
 def expert_overlap(model: SIMoEModel) -> np.ndarray:
     """[M, M] parameter-weighted Jaccard index |A∩B| / |A∪B| of the experts' non-zero Δ entries.
 
-    A is the set of Δ entries expert a switches on with its deterministic gates (one gate covers
+    A is the set of Δ entries expert a switches on with its evaluation gates (one gate covers
     ``params_per_gate`` entries). Jaccard rather than |A∩B| / min(|A|, |B|): it is 1 only for
     identical masks, so a small expert nested in a large one does not read as a full overlap.
     Two empty masks count as identical (1), so the diagonal is always 1.
@@ -268,7 +268,7 @@ def plot_expert_overlap(
     if n <= MAX_ANNOTATED:
         _annotate(ax, overlap, 1.0)
     fig.colorbar(image, ax=ax, label="overlap", shrink=0.9)
-    ax.set_title(f"{title}\n{OVERLAP_METRIC}\n(deterministic gates)", fontsize=10)
+    ax.set_title(f"{title}\n{OVERLAP_METRIC}\n(evaluation gates)", fontsize=10)
     payload = {"metric": OVERLAP_METRIC, "experts": labels, "overlap": overlap.tolist()}
     _save(fig, path, payload)
     return payload
@@ -307,7 +307,7 @@ def layer_depth(name: str) -> str:
 
 @torch.no_grad()
 def nonzero_share(model: SIMoEModel) -> dict:
-    """Share of the upcycled Δ entries that the deterministic gates keep, by depth and by type.
+    """Share of the upcycled Δ entries that the evaluation gates keep, by depth and by type.
 
     For each bucket: ``upcycled_params`` (entries of the upcycled weights), ``nonzero_params``
     (entries on in any expert: the union, what inference keeps), ``share`` (their ratio) and
@@ -385,7 +385,7 @@ def plot_nonzero_share(
     fig.axes[0].set_ylabel("non-zero Δ entries / upcycled entries")
     fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
     overall = share["overall"]["share"]
-    fig.suptitle(f"{title} (deterministic gates; overall {overall:.1%})", fontsize=11)
+    fig.suptitle(f"{title} (evaluation gates; overall {overall:.1%})", fontsize=11)
     _save(fig, path, share)
     return share
 

@@ -255,7 +255,7 @@ def compare(args: argparse.Namespace) -> None:
     with 95 % bootstrap intervals."""
     from simoe.compare import run_compare
 
-    rows = run_compare(args.config, args.runs)
+    rows = run_compare(args.config, args.runs, table_only=args.table_only)
     for r in rows:
         lo, hi = r["rougeL_ci95"]
         print(f"{r['run']:24s} ROUGE-L {r['rougeL']:6.2f} [{lo:.2f}, {hi:.2f}]")
@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", required=True, help="YAML study config, e.g. configs/compare_smollm2_sni.yaml")
     p.add_argument("--runs", nargs="+", help="do only these runs now (e.g. base simoe-seed0); default: every "
                    "run without a record")
+    p.add_argument("--table_only", action="store_true", help="run nothing: rebuild the table and chart "
+                   "from the records there are")
     p.set_defaults(job=compare, name="compare")
     args = parser.parse_args(argv)
     _run(args.name, lambda: args.job(args))

@@ -178,9 +178,9 @@ def paired_difference(record: dict, reference: dict) -> tuple[float, tuple[float
     return sum(diffs) / len(diffs), bootstrap_interval(diffs)
 
 
-def run_compare(config_path: str, only: list[str] | None = None) -> list[dict]:
-    """Run the study's missing runs (or only those named), then write the table and chart from
-    every record there is."""
+def run_compare(config_path: str, only: list[str] | None = None, table_only: bool = False) -> list[dict]:
+    """Run the study's missing runs (or only those named; none with ``table_only``), then write the
+    table and chart from every record there is."""
     config = load_config(config_path)
     records_dir = _records_dir(config)
     planned = runs(config)
@@ -190,7 +190,7 @@ def run_compare(config_path: str, only: list[str] | None = None) -> list[dict]:
     records_dir.mkdir(parents=True, exist_ok=True)
     for name, method, seed in planned:
         path = records_dir / f"{name}.json"
-        if path.is_file() or (only and name not in only):
+        if table_only or path.is_file() or (only and name not in only):
             continue
         start = time.time()
         record = run_one(config, name, method, seed)

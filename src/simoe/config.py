@@ -46,7 +46,9 @@ class SIMoEConfig:
         },
     )
     upcycle_norms: bool = field(
-        default=True, metadata={"help": "Also upcycle the weights of every normalisation layer."}
+        default=True,
+        metadata={"help": "Also upcycle the normalisation weights of the decoder layers that "
+                  "target_modules reaches, and the norms after them (the final norm)."},
     )
     gate_regime: str = field(
         default="noise-free",

@@ -29,7 +29,8 @@ from transformers.pytorch_utils import Conv1D
 from simoe import hard_concrete
 from simoe.config import SIMoEConfig
 from simoe.layer import SIMoELayer
-from simoe.model import SIMoEModel, decoder_layers, upcycle
+from simoe.model import SIMoEModel, upcycle
+from simoe.targets import decoder_layers
 
 COMPACT_WEIGHTS_NAME = "simoe_compact.safetensors"
 REPORT_NAME = "export_report.json"

@@ -21,7 +21,7 @@ from simoe.model import SIMoEModel
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (deterministic gates, no dropout) for the block; the previous mode comes back after.
+    """Eval mode (evaluation gates, no dropout) for the block; the previous mode comes back after.
 
     Evaluating in the middle of training must not sample gates, nor leave the model in eval mode.
     """

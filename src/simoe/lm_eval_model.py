@@ -66,7 +66,7 @@ class SIMoELM(HFLM):
         config = SIMoEConfig.from_pretrained(pretrained)  # clear errors for a wrong directory
         model = SIMoEModel.from_pretrained(pretrained, dtype=dtype)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device).eval()  # eval: deterministic gates
+        model.to(device).eval()  # eval: the evaluation gates
         # HFLM accepts an already loaded transformers model: hand it the base (it reads its config,
         # device and dtype), then put the SIMoE wrapper in its place for every forward.
         super().__init__(pretrained=model.base_model, tokenizer=_load_tokenizer(pretrained, config),

@@ -17,20 +17,11 @@ from simoe.data import template_affixes
 from simoe.layer import SIMoELayer, SIMoELinear, SIMoENorm
 from simoe.router import PromptRoutedModel, Router, masked_mean, skip_template
 from simoe.state_files import load_state_into, save_state
-from simoe.targets import find_targets, is_linear
+from simoe.targets import decoder_layers, find_targets, is_linear
 
 
 class _StopForward(Exception):
     """Raised by a hook to end the base model's forward once the router's layer has run."""
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The base model's stack of decoder blocks (the ModuleList as long as num_hidden_layers)."""
-    n = model.config.get_text_config().num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
 
 
 class SIMoEModel(PromptRoutedModel):
@@ -185,7 +176,8 @@ class SIMoEModel(PromptRoutedModel):
     # ---------------------------------------------------------------- reports
     @torch.no_grad()
     def sparsity_report(self) -> dict:
-        """Expected and deterministic density of every expert and of their union."""
+        """Expected (training gates) and deterministic (evaluation gates) density of every expert and
+        of their union; the same numbers for noise-free gates."""
         layers = [layer for _, layer in self.simoe_layers()]
         exp_expert, exp_union = objectives.expected_density(layers)
         det_expert, det_union, total = objectives.deterministic_nonzero(layers)

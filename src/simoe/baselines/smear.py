@@ -31,9 +31,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from simoe.baselines.config import BaselineConfig
-from simoe.model import decoder_layers
 from simoe.router import PromptRoutedModel, Router, masked_mean
 from simoe.state_files import load_state_into, save_state
+from simoe.targets import decoder_layers
 
 CONFIG_NAME = "smear_config.json"
 WEIGHTS_NAME = "smear_model.safetensors"

@@ -82,6 +82,7 @@ class PromptRoutedModel(nn.Module):
     """
 
     base_model: nn.Module
+    last_routing: torch.Tensor | None = None  # r of the last forward, [batch, M]
 
     def forward(
         self,
@@ -104,10 +105,9 @@ class PromptRoutedModel(nn.Module):
                 raise ValueError("decoding with a cache needs routing=model.route(prompt ids); "
                                  "model.generate does this for you")
             routing = self.route(input_ids, attention_mask, prompt_mask)
+        self.last_routing = routing  # with its graph: the trainer's routing terms and logs read it
         self.set_routing(routing)
-        outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        outputs["routing"] = routing  # with its graph, for routing terms of the loss
-        return outputs
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()
     def generate(

@@ -55,6 +55,14 @@ class SIMoETrainingArguments(TrainingArguments):
     lagrangian_learning_rate: float = field(
         default=0.1, metadata={"help": "Learning rate of the Lagrange multipliers λ (gradient ascent)."}
     )
+    constant_mask_learning_rate: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep the learning rates of the mask logits and λ constant (as CoFi pruning does), "
+            "so the sparsity controller can still correct the density at the end of training; false: "
+            "they follow lr_scheduler_type like Δ's."
+        },
+    )
     sparsity_warmup_steps: float = field(
         default=0.3,
         metadata={
@@ -62,6 +70,13 @@ class SIMoETrainingArguments(TrainingArguments):
             "a value below 1 is a fraction of the total training steps."
         },
     )
+
+
+_MASK_GROUP, _LAGRANGIAN_GROUP = 1, 3  # positions in SIMoETrainer.create_optimizer's param groups
+
+
+def _constant(step: int) -> float:
+    return 1.0
 
 
 def _steps(value: float, total: int) -> int:
@@ -208,6 +223,22 @@ class SIMoETrainer(_StagedCheckpoints, Trainer):
             self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Trainer's schedule for Δ and the router; with ``constant_mask_learning_rate``, constant
+        learning rates for the mask logits and λ (the sparsity controller)."""
+        created = self.lr_scheduler is None
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if created and self.args.constant_mask_learning_rate:
+            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                raise ValueError(f"constant_mask_learning_rate needs a LambdaLR schedule, and "
+                                 f"lr_scheduler_type={self.args.lr_scheduler_type!r} is not one; pass "
+                                 "--constant_mask_learning_rate false")
+            for i in (_MASK_GROUP, _LAGRANGIAN_GROUP):
+                scheduler.lr_lambdas[i] = _constant
+                scheduler.optimizer.param_groups[i]["lr"] = scheduler.base_lrs[i]
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        return scheduler
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         simoe = self.accelerator.unwrap_model(model)
         labels = inputs["labels"]
@@ -231,7 +262,7 @@ class SIMoETrainer(_StagedCheckpoints, Trainer):
         ranks = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         self.regularizer.warmup_steps = _steps(self.args.sparsity_warmup_steps, self.state.max_steps)
         reg, _ = self.regularizer(simoe.simoe_layers(), step)
-        routing = outputs["routing"]
+        routing = simoe.last_routing
         information = routing_information(routing)
         weight = simoe.simoe_config.router_information_weight
         loss = nll * ranks + (reg - weight * information) / self.current_gradient_accumulation_steps

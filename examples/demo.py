@@ -78,7 +78,7 @@ def main(argv: list[str]) -> None:
     report = model.sparsity_report()
     union = report["union"]
     print(f"\n== sparsity: {report['upcycled_modules']} upcycled modules, {report['upcycled_params']:,} "
-          f"upcycled parameters; union of experts non-zero (deterministic gates): "
+          f"upcycled parameters; union of experts non-zero (evaluation gates): "
           f"{union['deterministic_density']:.1%} (expected {union['expected_density']:.1%}, "
           f"target {report['target_density']:.0%})")
     print("   non-zero per expert: " + ", ".join(f"{e['deterministic_density']:.1%}"

@@ -138,3 +138,32 @@ def test_one_optimizer_step_moves_simoe_tensors_only():
             assert p.grad is None and torch.equal(p, frozen[n]), n
     changed = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
     assert changed == set(before)  # every Δ, every log α and every router tensor moved
+
+
+def test_every_consumer_takes_its_gates_from_the_one_gate_function(monkeypatch):
+    """Evaluation, the sparsity report, the export's parameter count, the analyses and generation's
+    forward all see a change made to hard_concrete.gates alone."""
+    from simoe.analysis import expert_overlap, nonzero_share
+    from simoe.export import parameter_report
+
+    model = _model("llama").eval()
+    real = hard_concrete.gates
+
+    def expert0_off(log_alpha, regime, training, generator=None):
+        z = real(log_alpha, regime, training, generator)
+        return torch.cat([torch.zeros_like(z[:1]), z[1:]])
+
+    monkeypatch.setattr(hard_concrete, "gates", expert0_off)
+    report = model.sparsity_report()
+    assert report["experts"][0]["nonzero_params"] == 0 and report["experts"][1]["nonzero_params"] > 0
+    assert nonzero_share(model)["overall"]["experts"][0] == 0.0
+    assert expert_overlap(model)[0, 1] == 0.0
+    counts = parameter_report(model)
+    assert counts["nonzero_delta_params"] == report["union"]["nonzero_params"]
+    ids = torch.randint(3, VOCAB, (1, 6))
+    with torch.no_grad():
+        routed_to_0 = model(input_ids=ids, routing=torch.tensor([[1.0, 0, 0, 0]])).logits
+        monkeypatch.setattr(hard_concrete, "gates", real)
+        with model.bypass():
+            base = model.base_model(input_ids=ids).logits
+    assert torch.equal(routed_to_0, base)  # expert 0's gates all 0: the model is the base model

@@ -22,12 +22,13 @@ import time
 import datasets
 
 from simoe import synthetic_tasks
-from simoe.analysis import plot_routing_heatmap, routing_by_record, routing_specialisation
+from simoe.analysis import mean_by_group, plot_routing_heatmap, routing_by_record, routing_specialisation
 from simoe.data import tokenize_record
 from simoe.evaluation import gate_gap
 from simoe.generation import exact_match_by_group, generate, split_record
 from simoe.hub import load_model_and_tokenizer
 from simoe.pipeline import parse_train_args, run_train
+from simoe.state_files import load_json_object, save_json
 
 EVAL_PER_FAMILY = 24
 MAX_NEW_TOKENS = 16
@@ -49,14 +50,13 @@ def main(argv: list[str]) -> None:
     # the base's scores depend only on the model and the prompts: kept beside the run, reused by a rerun
     cache = os.path.join(training_args.output_dir, "base_exact_match.json")
     key = {"model": model_args.model_name_or_path, "prompts": len(evaluation), "score": score}
-    cached = json.load(open(cache)) if os.path.isfile(cache) else {}
+    cached = load_json_object(cache) if os.path.isfile(cache) else {}
     if cached.get("key") == key:
         base_em = cached["exact_match"]
     else:
         base_em = exact_match_by_group(base, tokenizer, evaluation, **score)
         os.makedirs(training_args.output_dir, exist_ok=True)
-        with open(cache, "w") as f:
-            json.dump({"key": key, "exact_match": base_em}, f)
+        save_json({"key": key, "exact_match": base_em}, cache)
     del base
 
     print(f"== training SIMoE ({config.num_experts} experts, target sparsity {config.target_sparsity:.0%})")
@@ -91,8 +91,7 @@ def main(argv: list[str]) -> None:
           f"training gates (gap {gap['gap']:+.4f})")
 
     groups, routing = routing_by_record(model, tokenizer, evaluation)
-    order = list(dict.fromkeys(groups))
-    mean_routing = {g: routing[[x == g for x in groups]].mean(dim=0).tolist() for g in order}
+    mean_routing = mean_by_group(groups, routing)
     special = routing_specialisation(groups, routing)
     print(f"== routing: load per expert {', '.join(f'{x:.0%}' for x in special['load'])}; "
           f"NMI(family; top expert) {special['nmi']:.2f}")

@@ -95,7 +95,11 @@ def mean_routing_by_group(
 ) -> dict[str, list[float]]:
     """Mean router coefficients [M] of every ``group`` (:func:`routing_by_record`), in the order
     the groups first appear in ``records``."""
-    groups, routing = routing_by_record(model, tokenizer, records, batch_size)
+    return mean_by_group(*routing_by_record(model, tokenizer, records, batch_size))
+
+
+def mean_by_group(groups: Sequence[str], routing: torch.Tensor) -> dict[str, list[float]]:
+    """Mean router coefficients [M] of every group, in the order the groups first appear."""
     order = list(dict.fromkeys(groups))
     index = torch.tensor([order.index(g) for g in groups])
     return {g: routing[index == i].mean(dim=0).tolist() for i, g in enumerate(order)}

@@ -149,7 +149,7 @@ def _score(config: dict, eval_dir: Path) -> dict:
 def routing_by_category(config: dict, model_dir: str) -> dict:
     """Load a routed run and measure how its router divides the evaluated SNI prompts: expert load
     and NMI between the top expert and the prompt's category (and task)."""
-    from simoe.analysis import routing_by_record, routing_specialisation
+    from simoe.analysis import mean_by_group, routing_by_record, routing_specialisation
     from simoe.data import load_sni_tasks, sni_prompt
     from simoe.evaluation import category_key
     from simoe.inference import load_for_inference
@@ -164,8 +164,7 @@ def routing_by_category(config: dict, model_dir: str) -> dict:
     categories = [category_key(r["category"]) for r in records]
     by_category = routing_specialisation(categories, routing)
     return {**by_category, "nmi_task": routing_specialisation(groups, routing)["nmi"],
-            "mean_by_category": {c: routing[[x == c for x in categories]].mean(dim=0).tolist()
-                                 for c in sorted(set(categories))}}
+            "mean_by_category": dict(sorted(mean_by_group(categories, routing).items()))}
 
 
 def paired_difference(record: dict, reference: dict) -> tuple[float, tuple[float, float]]:

@@ -173,10 +173,11 @@ class SIMoEConfig:
             ids = getattr(self, name)
             if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
                 raise ValueError(f"{name} must be a list of token ids, got {ids!r}")
-        other = "mask_init_density" if self.gate_regime == "noise-free" else "mask_init_gate"
+        own, other = "mask_init_gate", "mask_init_density"
+        if self.gate_regime == "stochastic":
+            own, other = other, own
         if getattr(self, other) is not None:
-            raise ValueError(f"{other} does not apply to gate_regime {self.gate_regime!r}; use "
-                             f"{'mask_init_gate' if other == 'mask_init_density' else 'mask_init_density'}")
+            raise ValueError(f"{other} does not apply to gate_regime {self.gate_regime!r}; use {own}")
         for name in ("mask_init_gate", "mask_init_density"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value < 1.0:

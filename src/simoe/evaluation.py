@@ -71,12 +71,18 @@ def max_over_references(metric, prediction: str, references: Sequence[str]) -> f
     return max(metric(prediction, reference) for reference in references)
 
 
+def instance_metrics(prediction: str, references: Sequence[str]) -> tuple[float, float]:
+    """(ROUGE-L, exact match) of one instance, each the best over its references, in [0, 1]."""
+    return (max_over_references(rouge_l, prediction, references),
+            max_over_references(exact_match, prediction, references))
+
+
 def compute_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
     """``{"rougeL", "exact_match"}``: mean over instances of the best score over references, x 100."""
     if len(predictions) != len(references) or not predictions:
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    em = sum(max_over_references(exact_match, p, r) for p, r in zip(predictions, references, strict=True))
-    rouge = sum(max_over_references(rouge_l, p, r) for p, r in zip(predictions, references, strict=True))
+    scores = [instance_metrics(p, r) for p, r in zip(predictions, references, strict=True)]
+    rouge, em = sum(s[0] for s in scores), sum(s[1] for s in scores)
     n = len(predictions)
     return {"rougeL": round(100.0 * rouge / n, 4), "exact_match": round(100.0 * em / n, 4)}
 
@@ -86,10 +92,9 @@ def instance_scores(predictions: dict[str, str], references: Sequence[dict]) -> 
     the values whose means :func:`score_references` reports; bootstrap intervals resample them."""
     rows = []
     for ref in references:
-        pred = predictions.get(ref["id"], "")
+        rouge, em = instance_metrics(predictions.get(ref["id"], ""), ref["references"])
         rows.append({"id": ref["id"], "category": category_key(ref["task_category"]),
-                     "rougeL": 100.0 * max_over_references(rouge_l, pred, ref["references"]),
-                     "exact_match": 100.0 * max_over_references(exact_match, pred, ref["references"])})
+                     "rougeL": 100.0 * rouge, "exact_match": 100.0 * em})
     return rows
 
 

@@ -268,7 +268,7 @@ class SIMoETrainer(_StagedCheckpoints, Trainer):
         loss = nll * ranks + (reg - weight * information) / self.current_gradient_accumulation_steps
 
         r = routing.detach()
-        entropy = -(r * r.clamp_min(1e-12).log()).sum(-1)
+        entropy = routing_entropy(r)
         nll_sum = nll.detach().double() * num_items_in_batch
         gap = (torch.stack([nll_sum, eval_nll, local_tokens.double()]) if eval_nll is not None
                else torch.zeros(3, dtype=torch.float64, device=nll.device))
@@ -377,14 +377,16 @@ class SIMoETrainer(_StagedCheckpoints, Trainer):
             self.accelerator.unwrap_model(self.model).gate_generator.set_state(load_file(path)["state"])
 
 
+def routing_entropy(routing: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each routing distribution (the last dimension)."""
+    return -(routing * routing.clamp_min(1e-12).log()).sum(-1)
+
+
 def routing_information(routing: torch.Tensor) -> torch.Tensor:
     """I(prompt; expert) over a batch, H(mean r) - mean H(r), in nats: 0 when every prompt has the
     same routing (or a uniform one), ln M when each prompt picks one expert and all are used
     equally. SIMoETrainer adds -router_information_weight times it to the loss."""
-    def entropy(p: torch.Tensor) -> torch.Tensor:
-        return -(p * p.clamp_min(1e-12).log()).sum(-1)
-
-    return entropy(routing.mean(dim=0)) - entropy(routing).mean()
+    return routing_entropy(routing.mean(dim=0)) - routing_entropy(routing).mean()
 
 
 class BaselineTrainer(_StagedCheckpoints, Trainer):

@@ -172,3 +172,24 @@ def test_routing_information_is_the_mutual_information_of_prompt_and_expert():
     collapsed = torch.zeros(4, 4)
     collapsed[:, 0] = 1
     assert routing_information(collapsed).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_routing_balance_is_kl_from_uniform_and_pulls_a_starved_expert_back():
+    import math
+
+    from simoe.train import routing_balance, routing_information
+
+    assert routing_balance(torch.full((3, 4), 0.25)).item() == pytest.approx(0.0, abs=1e-6)
+    assert routing_balance(torch.eye(4)).item() == pytest.approx(0.0, abs=1e-6)  # balanced load
+    load = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    reference = sum(0.25 * math.log(0.25 / p) for p in load.tolist())
+    assert routing_balance(load.expand(5, 4)).item() == pytest.approx(reference, rel=1e-5)
+
+    # Expert 3 starved (r ~ e^-12): the balance term's gradient on its logit stays ~ 1/M,
+    # the routing information's (through H(mean r)) all but vanishes.
+    logits = torch.tensor([[6.0, 0.0, 0.0, -6.0], [0.0, 6.0, 0.0, -6.0]], requires_grad=True)
+    routing_balance(torch.softmax(logits, -1)).backward()
+    assert -logits.grad[:, 3].sum().item() == pytest.approx(1 / 4, rel=0.01)
+    logits.grad = None
+    (-routing_information(torch.softmax(logits, -1))).backward()
+    assert abs(logits.grad[:, 3].sum().item()) < 1e-3

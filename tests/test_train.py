@@ -173,3 +173,29 @@ def test_mask_and_lagrangian_learning_rates_stay_constant(tmp_path, constant):
         assert lrs[1] == 0.05 and lrs[3] == 0.2
     else:
         assert lrs[1] == pytest.approx(0.0) and lrs[3] == pytest.approx(0.0)
+
+
+def test_loss_is_nll_plus_regulariser_plus_the_routing_terms(tmp_path):
+    from conftest import tiny_model, train_without_dropout
+    from train_tiny import collate, dataset
+
+    from simoe import SIMoEConfig, upcycle
+    from simoe.train import SIMoETrainer, SIMoETrainingArguments, routing_balance, routing_information
+
+    config = SIMoEConfig(num_experts=4, router_information_weight=0.3, router_balance_weight=0.7)
+    model = upcycle(tiny_model("llama"), config)
+    args = SIMoETrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=6,
+                                  save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = SIMoETrainer(model, args, train_dataset=dataset(12), data_collator=collate)
+    trainer.create_optimizer_and_scheduler(num_training_steps=4)
+    trainer.state.max_steps, trainer.current_gradient_accumulation_steps = 4, 1
+    train_without_dropout(model)
+    inputs = collate(dataset(12)[:6])
+    loss = trainer.compute_loss(model, inputs)
+
+    nll = model(**inputs).loss
+    reg, _ = trainer.regularizer(model.simoe_layers(), 0)
+    r = model.last_routing
+    expected = nll + reg + 0.7 * routing_balance(r) - 0.3 * routing_information(r)
+    assert routing_balance(r).item() > 1e-4  # the term is live at initialisation
+    torch.testing.assert_close(loss, expected)

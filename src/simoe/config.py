@@ -93,6 +93,13 @@ class SIMoEConfig:
             "spreads the load over the experts and makes each prompt's routing decisive."
         },
     )
+    router_balance_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of KL(uniform || mean r) over each batch: a log barrier on every "
+            "expert's share of the load, whose gradient does not vanish when an expert is starved."
+        },
+    )
     mask_init_gate: float | None = field(
         default=None,
         metadata={
@@ -167,8 +174,9 @@ class SIMoEConfig:
             raise ValueError(f"gate_regime must be one of {hard_concrete.REGIMES}, got {self.gate_regime!r}")
         if self.router_span not in ROUTER_SPANS:
             raise ValueError(f"router_span must be one of {ROUTER_SPANS}, got {self.router_span!r}")
-        if self.router_information_weight < 0:
-            raise ValueError(f"router_information_weight must be >= 0, got {self.router_information_weight}")
+        for name in ("router_information_weight", "router_balance_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("template_prefix_ids", "template_suffix_ids"):
             ids = getattr(self, name)
             if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):

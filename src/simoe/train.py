@@ -193,9 +193,9 @@ class SIMoETrainer(_StagedCheckpoints, Trainer):
         model.seed_gates(args.seed)  # the same seed on every rank: identical gate noise
         self._gate_step, self._gate_state = -1, None
         # Since the last log: [NLL sum, response tokens, router-entropy sum, examples, routing
-        # information sum, micro-batches, train-gate NLL sum, eval-gate NLL sum, tokens] where the
-        # last three cover the batches of logging steps only (see gate_gap)
-        self._window = torch.zeros(9, dtype=torch.float64, device=args.device)
+        # information sum, micro-batches, train-gate NLL sum, eval-gate NLL sum, tokens, routing
+        # balance sum]; slots 6-8 cover the batches of logging steps only (see gate_gap)
+        self._window = torch.zeros(10, dtype=torch.float64, device=args.device)
         self.add_callback(_AfterOptimizerStep(self.regularizer))
         compact_console(self)
 
@@ -263,9 +263,10 @@ class SIMoETrainer(_StagedCheckpoints, Trainer):
         self.regularizer.warmup_steps = _steps(self.args.sparsity_warmup_steps, self.state.max_steps)
         reg, _ = self.regularizer(simoe.simoe_layers(), step)
         routing = simoe.last_routing
-        information = routing_information(routing)
-        weight = simoe.simoe_config.router_information_weight
-        loss = nll * ranks + (reg - weight * information) / self.current_gradient_accumulation_steps
+        information, balance = routing_information(routing), routing_balance(routing)
+        c = simoe.simoe_config
+        routing_terms = c.router_balance_weight * balance - c.router_information_weight * information
+        loss = nll * ranks + (reg + routing_terms) / self.current_gradient_accumulation_steps
 
         r = routing.detach()
         entropy = routing_entropy(r)
@@ -276,7 +277,7 @@ class SIMoETrainer(_StagedCheckpoints, Trainer):
             nll_sum, local_tokens.double(), entropy.sum().double(),
             torch.tensor(float(r.shape[0]), device=r.device, dtype=torch.float64),
             information.detach().double(), torch.ones((), device=r.device, dtype=torch.float64),
-        ]), gap.to(nll.device)]).to(self._window.device)
+        ]), gap.to(nll.device), balance.detach().double().reshape(1)]).to(self._window.device)
         return (loss, outputs) if return_outputs else loss
 
     def _logs_after(self, step: int) -> bool:
@@ -330,6 +331,7 @@ class SIMoETrainer(_StagedCheckpoints, Trainer):
             "nll": (window[0] / window[1].clamp_min(1)).item(),
             "router_entropy": (window[2] / window[3].clamp_min(1)).item(),
             "router_information": (window[4] / window[5].clamp_min(1)).item(),
+            "router_balance": (window[9] / window[5].clamp_min(1)).item(),
             "router_temperature": self.router_temperature(step),
             "target_density": parts["target_density"],
             "orthogonality": float(parts["orthogonality"]),
@@ -387,6 +389,15 @@ def routing_information(routing: torch.Tensor) -> torch.Tensor:
     same routing (or a uniform one), ln M when each prompt picks one expert and all are used
     equally. SIMoETrainer adds -router_information_weight times it to the loss."""
     return routing_entropy(routing.mean(dim=0)) - routing_entropy(routing).mean()
+
+
+def routing_balance(routing: torch.Tensor) -> torch.Tensor:
+    """KL(uniform || mean r) over a batch, in nats: 0 when every expert carries 1/M of the routing
+    mass, growing without bound as one is starved. Its gradient on a starved expert's logit stays
+    about 1/(M τ) however small its share (H(mean r)'s vanishes with the softmax's); SIMoETrainer
+    adds router_balance_weight times it to the loss."""
+    load = routing.mean(dim=0).clamp_min(1e-12)
+    return -math.log(routing.shape[-1]) - load.log().mean()
 
 
 class BaselineTrainer(_StagedCheckpoints, Trainer):

@@ -93,8 +93,8 @@ def main(argv: list[str]) -> None:
     groups, routing = routing_by_record(model, tokenizer, evaluation)
     mean_routing = mean_by_group(groups, routing)
     special = routing_specialisation(groups, routing)
-    print(f"== routing: load per expert {', '.join(f'{x:.0%}' for x in special['load'])}; "
-          f"NMI(family; top expert) {special['nmi']:.2f}")
+    print(f"== routing: load per expert {', '.join(f'{x:.0%}' for x in special['load'])} "
+          f"(least {min(special['load']):.1%}); NMI(family; top expert) {special['nmi']:.2f}")
 
     print("\n== sample generations (SIMoE)")
     samples = [next(r for r in evaluation if r["group"] == f) for f in simoe_em]

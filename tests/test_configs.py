@@ -93,3 +93,29 @@ def test_command_line_overrides_the_yaml(tmp_path):
     _, _, config, args = parse_train_args(["--config", str(cfg), "--num_experts", "6"])
     assert config.num_experts == 6 and args.learning_rate == 0.5
     assert config.target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("method, argv, named", [
+    ("simoe", ["--lora_rank", "8"], r"--lora_rank \(applies to lora\)"),
+    ("lora", ["--num_experts", "4", "--mask_learning_rate", "0.1"],
+     r"--mask_learning_rate \(applies to simoe\); --num_experts \(applies to simoe\)"),
+    ("full", ["--num_ffn_experts=2"], r"--num_ffn_experts \(applies to sparse-upcycling, smear\)"),
+    ("smear", ["--top_k", "1"], r"--top_k \(applies to sparse-upcycling\)"),
+])
+def test_an_option_the_method_ignores_is_an_error_naming_it(method, argv, named):
+    with pytest.raises(ValueError, match=rf"command line: .*--method {method}: {named}"):
+        parse_train_args(["--method", method, *argv])
+
+
+def test_a_yaml_option_the_method_ignores_names_the_file(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: lora\nlora_rank: 8\nnum_experts: 4\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: .*--method lora: num_experts \(applies to simoe\)$"):
+        parse_train_args(["--config", str(cfg)])
+    # the options each method does take are accepted, from the file and the command line
+    cfg.write_text("method: lora\nlora_rank: 8\n")
+    _, _, config, _ = parse_train_args(["--config", str(cfg)])
+    assert config.lora_rank == 8
+    _, _, config, args = parse_train_args(["--method", "smear", "--router_learning_rate", "1e-3",
+                                           "--num_ffn_experts", "2", "--learning_rate", "1e-4"])
+    assert config.num_ffn_experts == 2 and args.router_learning_rate == 1e-3

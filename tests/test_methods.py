@@ -16,7 +16,8 @@ def _train(model_dir, data, out, method, steps=2, extra=()):
     main(["train", "--method", method, "--model_name_or_path", model_dir, "--data", str(data),
           "--output_dir", str(out), "--max_steps", str(steps), "--per_device_train_batch_size", "2",
           "--learning_rate", "1e-3", "--logging_steps", "1", "--save_steps", "2", "--report_to", "none",
-          "--use_cpu", "true", "--seed", "3", "--num_ffn_experts", "3", *extra])
+          "--use_cpu", "true", "--seed", "3",
+          *(("--num_ffn_experts", "3") if method in ("sparse-upcycling", "smear") else ()), *extra])
 
 
 @pytest.fixture(scope="module")

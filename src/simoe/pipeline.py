@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 import yaml
@@ -19,7 +20,7 @@ from transformers import HfArgumentParser, set_seed
 
 from simoe.baselines import METHODS, BaselineConfig, build, parameter_counts
 from simoe.config import RECORDED_FIELDS, SIMoEConfig
-from simoe.train import BaselineTrainer, SIMoETrainer, SIMoETrainingArguments
+from simoe.train import TRAINING_OPTION_METHODS, BaselineTrainer, SIMoETrainer, SIMoETrainingArguments
 
 
 @dataclass
@@ -137,19 +138,41 @@ def parse_train_args(
 
     The third is the method's options: a SIMoEConfig for ``--method simoe``, else a BaselineConfig.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**load_yaml_defaults(known.config, parser))
+    defaults = load_yaml_defaults(known.config, parser) if known.config else {}
+    parser.set_defaults(**defaults)
     model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(
         args=argv, look_for_args_file=False
     )
+    given = {token[2:].split("=")[0] for token in argv if token.startswith("--")}
+    check_options_apply(model_args.method, {f"--{name}" for name in given}, source="command line")
+    if known.config:
+        check_options_apply(model_args.method, set(defaults), source=known.config)
     if isinstance(getattr(rest, "target_modules", None), str):  # a YAML string, not CLI tokens
         rest.target_modules = [rest.target_modules]
     cls = SIMoEConfig if model_args.method == "simoe" else BaselineConfig
     return model_args, data_args, config_from_args(rest, cls), training_args
+
+
+def option_methods(name: str) -> tuple[str, ...] | None:
+    """The methods a `simoe train` option applies to, or None when it applies to every method."""
+    if name in {f.name for f in dataclasses.fields(SIMoEConfig)}:
+        return ("simoe",)
+    baseline = {f.name: f.metadata.get("methods") for f in dataclasses.fields(BaselineConfig)}
+    return baseline.get(name) or TRAINING_OPTION_METHODS.get(name)
+
+
+def check_options_apply(method: str, options: set[str], source: str) -> None:
+    """Raise naming every option in ``options`` (``--name`` or YAML keys) that ``method`` ignores."""
+    wrong = {o: option_methods(o.lstrip("-")) for o in sorted(options)}
+    wrong = {o: m for o, m in wrong.items() if m is not None and method not in m}
+    if wrong:
+        raise ValueError(f"{source}: option(s) that do not apply to --method {method}: "
+                         + "; ".join(f"{o} (applies to {', '.join(m)})" for o, m in wrong.items()))
 
 
 def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:

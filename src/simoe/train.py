@@ -72,6 +72,16 @@ class SIMoETrainingArguments(TrainingArguments):
     )
 
 
+# The methods each SIMoETrainingArguments option of its own applies to (`simoe train` rejects the
+# others; HfArgumentParser hands field metadata to argparse, so it cannot carry this).
+TRAINING_OPTION_METHODS = {
+    "mask_learning_rate": ("simoe",),
+    "router_learning_rate": ("simoe", "smear"),
+    "lagrangian_learning_rate": ("simoe",),
+    "constant_mask_learning_rate": ("simoe",),
+    "sparsity_warmup_steps": ("simoe",),
+}
+
 _MASK_GROUP, _LAGRANGIAN_GROUP = 1, 3  # positions in SIMoETrainer.create_optimizer's param groups
 
 

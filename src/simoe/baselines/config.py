@@ -9,41 +9,50 @@ from dataclasses import dataclass, field
 from simoe.state_files import load_json_object, save_json
 
 UPCYCLING_TRAINABLE = ("all", "moe")
+# The methods each option applies to (field metadata "methods"); `simoe train` rejects the others.
+_LORA, _UPCYCLING, _SMEAR = ("lora",), ("sparse-upcycling",), ("smear",)
 
 
 @dataclass
 class BaselineConfig:
     """Options of the baselines. Full fine-tuning has none; SIMoE's own live in ``SIMoEConfig``."""
 
-    lora_rank: int = field(default=16, metadata={"help": "LoRA: rank r of every adapter."})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA: scaling α (the update is α/r · BA)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA: dropout on the adapter input."})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA: rank r of every adapter.", "methods": _LORA})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA: scaling α (the update is α/r · BA).",
+                                                      "methods": _LORA})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA: dropout on the adapter input.",
+                                                        "methods": _LORA})
     num_ffn_experts: int = field(
         default=4,
-        metadata={"help": "Sparse upcycling and SMEAR: E, the number of FFN copies (experts) per layer."},
+        metadata={"help": "Sparse upcycling and SMEAR: E, the number of FFN copies (experts) per layer.",
+                  "methods": (*_UPCYCLING, *_SMEAR)},
     )
-    top_k: int = field(default=2, metadata={"help": "Sparse upcycling: experts each token is routed to."})
+    top_k: int = field(default=2, metadata={"help": "Sparse upcycling: experts each token is routed to.",
+                                           "methods": _UPCYCLING})
     router_aux_loss_coef: float = field(
         default=0.01,
-        metadata={"help": "Sparse upcycling: weight of the load-balancing loss added to the LM loss."},
+        metadata={"help": "Sparse upcycling: weight of the load-balancing loss added to the LM loss.",
+                  "methods": _UPCYCLING},
     )
     router_jitter_noise: float = field(
         default=0.0,
         metadata={"help": "Sparse upcycling (Llama/Mistral → Mixtral only): multiplicative uniform "
-                  "noise on the router input while training, as Mixtral's class applies it."},
+                  "noise on the router input while training, as Mixtral's class applies it.",
+                  "methods": _UPCYCLING},
     )
     upcycling_trainable: str = field(
         default="all",
         metadata={"help": "Sparse upcycling: 'all' (the whole MoE is fine-tuned, as Komatsuzaki et al.) "
                   "or 'moe' (only the experts and routers; attention, norms, embeddings frozen).",
-                  "choices": list(UPCYCLING_TRAINABLE)},
+                  "choices": list(UPCYCLING_TRAINABLE), "methods": _UPCYCLING},
     )
-    smear_router_hidden_size: int = field(default=256, metadata={"help": "SMEAR: router MLP width."})
+    smear_router_hidden_size: int = field(default=256, metadata={"help": "SMEAR: router MLP width.",
+                                                                  "methods": _SMEAR})
     smear_init_noise: float = field(
         default=0.0,
         metadata={"help": "SMEAR: Gaussian noise added to each expert copy at build time, relative to "
                   "the dense weight's std. 0 keeps exact copies (the model starts as the dense one); "
-                  "the per-example routing then breaks the symmetry."},
+                  "the per-example routing then breaks the symmetry.", "methods": _SMEAR},
     )
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Base model the baseline was built on (recorded)."}

@@ -58,10 +58,40 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tokenizer, k
     assert any(batched)  # a random model writes something, so the comparison has content
 
 
-def test_simoe_generation_uses_the_routing(tokenizer):
-    routed = generate(_simoe(), tokenizer, _chats(PROMPTS), max_new_tokens=6)
-    base = generate(tiny_model("llama"), tokenizer, _chats(PROMPTS), max_new_tokens=6)  # same base weights
-    assert routed != base
+def _greedy(model, ids: list[int], routing: torch.Tensor, steps: int = 6, eos: int = 2) -> list[int]:
+    """The reference: greedy decoding by full forwards under a fixed routing, no cache."""
+    seq = torch.tensor([ids])
+    for _ in range(steps):
+        token = int(model(input_ids=seq, routing=routing[None]).logits[0, -1].argmax())
+        if token == eos:
+            break
+        seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
+    return seq[0, len(ids):].tolist()
+
+
+@torch.no_grad()
+def test_simoe_generation_uses_each_prompts_own_routing(tokenizer):
+    from simoe.generation import generate_from_ids
+
+    model = _simoe()
+    chats = _chats(PROMPTS)
+    texts = generate(model, tokenizer, chats, max_new_tokens=6, batch_size=3)
+    changed = 0
+    for chat, text in zip(chats, texts, strict=True):
+        ids = render_prompt(tokenizer, chat)
+        own = model.route(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0]
+        reference = _greedy(model, ids, own)
+        assert text == tokenizer.decode(reference, skip_special_tokens=True).strip()
+        prompt = torch.tensor([ids])  # SIMoEModel.generate routes on the prompt by itself
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
+                             do_sample=False, eos_token_id=2, pad_token_id=0)[0, len(ids):].tolist()
+        assert [t for t in out if t != 2] == reference
+        other = torch.nn.functional.one_hot((own.argmax() + 1) % 4, 4).float()
+        [out] = generate_from_ids(model, tokenizer, [ids], routing=other, max_new_tokens=6)
+        expected = tokenizer.decode(_greedy(model, ids, other), skip_special_tokens=True).strip()
+        assert out["response"] == expected
+        changed += out["response"] != text
+    assert changed > 0  # the routing matters to what is generated
 
 
 def test_stops_at_the_model_generation_config_eos(tokenizer):

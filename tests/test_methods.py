@@ -41,11 +41,19 @@ def test_baseline_trains_saves_and_reloads_for_inference(method, tiny_dir, data,
     with torch.no_grad():
         trained, original = model(input_ids=ids).logits, base(input_ids=ids).logits
     assert not torch.allclose(trained, original, atol=1e-6)  # training changed the model it reloads
-    # every saved method generates through the same code path as SIMoE
+    # every saved method generates through the same code path as SIMoE: greedy, the routed ones
+    # under their prompt's routing; the reference decodes by full forwards
+    from simoe.data import render_prompt
     from simoe.generation import generate
 
-    assert isinstance(generate(model, tokenizer, [[{"role": "user", "content": "Say no."}]],
-                               max_new_tokens=3)[0], str)
+    chat = [{"role": "user", "content": "Say no."}]
+    seq = torch.tensor([render_prompt(tokenizer, chat)])
+    routing = {"routing": model.route(seq, torch.ones_like(seq))} if method == "smear" else {}
+    with torch.no_grad():
+        for _ in range(3):
+            seq = torch.cat([seq, model(input_ids=seq, **routing).logits[:, -1:].argmax(-1)], dim=1)
+    reference = tokenizer.decode(seq[0, -3:], skip_special_tokens=True).strip()
+    assert generate(model, tokenizer, [chat], max_new_tokens=3, min_new_tokens=3) == [reference]
 
 
 @pytest.mark.parametrize("method", ["lora", "smear"])

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -27,8 +26,8 @@ from simoe.data import tokenize_record
 from simoe.evaluation import gate_gap
 from simoe.generation import exact_match_by_group, generate, split_record
 from simoe.hub import load_model_and_tokenizer
+from simoe.io import load_json_object, save_json
 from simoe.pipeline import parse_train_args, run_train
-from simoe.state_files import load_json_object, save_json
 
 EVAL_PER_FAMILY = 24
 MAX_NEW_TOKENS = 16
@@ -111,8 +110,7 @@ def main(argv: list[str]) -> None:
     results = {"base_exact_match": base_em, "simoe_exact_match": simoe_em,
                "held_out": synthetic_tasks.HELD_OUT, "sparsity": report, "gate_gap": gap,
                "routing": special, "mean_routing": mean_routing, "seconds": time.time() - start}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    save_json(results, os.path.join(out, "results.json"))
     print(f"\nsaved the SIMoE checkpoint, results.json and {os.path.basename(png)} to {out} "
           f"in {time.time() - start:.0f} s")
 

@@ -23,9 +23,9 @@ def test_compare_runs_each_method_once_and_writes_the_study(tiny_dir, tmp_path):
         "results": str(tmp_path / "docs" / "results.md"),
         "train": {"data": str(SHARED_DATA / "sni"), "data_format": "sni", "split": "train",
                   "max_instances_per_task": 1, "max_seq_length": 128, "max_steps": 2,
-                  "per_device_train_batch_size": 2, "num_experts": 2, "target_sparsity": 0.5,
-                  "use_cpu": True},
-        "method_overrides": {"lora": {"learning_rate": 1.0e-3}},
+                  "per_device_train_batch_size": 2, "use_cpu": True},
+        "method_overrides": {"lora": {"learning_rate": 1.0e-3},
+                             "simoe": {"num_experts": 2, "target_sparsity": 0.5}},
         "eval": {"data": str(SHARED_DATA / "sni"), "split": "test", "tasks": TASK, "max_instances": 2,
                  "max_new_tokens": 4},
     }
@@ -87,3 +87,14 @@ def test_shipped_study_config_is_valid():
     for path in sorted((Path(__file__).parents[1] / "configs").glob("compare_*.yaml")):
         config = load_config(str(path))
         assert config["methods"][0] == "base" and "simoe" in config["methods"]
+
+
+def test_a_shared_option_one_method_ignores_is_refused_before_any_run(tmp_path):
+    from simoe.compare import load_config
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({
+        "model_name_or_path": "m", "methods": ["base", "full", "simoe"], "output_dir": str(tmp_path),
+        "train": {"max_steps": 2, "num_experts": 2}, "eval": {}}))
+    with pytest.raises(ValueError, match=r"study\.yaml: train: .*--method full: num_experts \(applies to"):
+        load_config(str(path))

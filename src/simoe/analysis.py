@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from scipy.cluster.hierarchy import dendrogram, leaves_list, linkage
 
 from simoe.data import render_prompt
 from simoe.generation import eval_mode, pad_left, split_record
+from simoe.io import save_json
 from simoe.layer import SIMoENorm
 from simoe.model import SIMoEModel
 
@@ -47,9 +47,7 @@ def _save(fig: Figure, path: str | os.PathLike, payload: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)
-    with open(path.with_suffix(".json"), "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    save_json(payload, path.with_suffix(".json"), ensure_ascii=False)
     return path
 
 

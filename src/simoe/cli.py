@@ -45,6 +45,7 @@ def generate(args: argparse.Namespace) -> None:
     from simoe.data import render_prompt
     from simoe.generation import generate_from_ids
     from simoe.inference import load_prompts, resolve_routing
+    from simoe.io import save_text
 
     prompts = [([{"role": "user", "content": text}], f"--prompt {i + 1}")
                for i, text in enumerate(args.prompt)]
@@ -70,8 +71,7 @@ def generate(args: argparse.Namespace) -> None:
         lines.append(json.dumps(record, ensure_ascii=False))
     print("\n".join(lines))
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+        save_text("\n".join(lines) + "\n", args.output)
 
 
 def export(args: argparse.Namespace) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from simoe.state_files import save_json
+from simoe.io import read_jsonl, save_json, save_text
 
 BEGIN, END = "<!-- simoe compare: begin -->", "<!-- simoe compare: end -->"
 KNOWN = {"model_name_or_path", "methods", "seeds", "reference", "output_dir", "records", "results",
@@ -51,6 +51,13 @@ def load_config(path: str) -> dict:
         raise ValueError(f"{path}: seeds must map trained methods of `methods` to lists of seeds")
     if config.get("reference") not in (None, *config["methods"]):
         raise ValueError(f"{path}: reference {config['reference']!r} is not one of the methods")
+    from simoe.pipeline import check_options_apply
+
+    for method in config["methods"]:  # before any run starts, not when that method's turn comes
+        if method != "base":
+            check_options_apply(method, set(config["train"]), f"{path}: train")
+            check_options_apply(method, set(config.get("method_overrides", {}).get(method, {})),
+                                f"{path}: method_overrides.{method}")
     return config
 
 
@@ -127,7 +134,7 @@ def run_one(config: dict, name: str, method: str, seed: int | None) -> dict:
 
 def _score(config: dict, eval_dir: Path) -> dict:
     """Scores of an eval folder with 95 % bootstrap intervals, overall and per category."""
-    from simoe.evaluation import bootstrap_interval, instance_scores, read_jsonl
+    from simoe.evaluation import bootstrap_interval, instance_scores
 
     predictions = {p["id"]: p["prediction"] for p in read_jsonl(eval_dir / "predictions.jsonl",
                                                                  ("id", "prediction"))}
@@ -296,4 +303,4 @@ def write_markdown(rows: list[dict], pending: list[str], config: dict, config_pa
         text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
     else:
         text += "\n" + block + "\n"
-    path.write_text(text)
+    save_text(text, path)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from simoe import hard_concrete
-from simoe.state_files import load_json_object, save_json
+from simoe.io import load_json_object, save_json
 
 CONFIG_NAME = "simoe_config.json"
 WEIGHTS_NAME = "simoe_model.safetensors"

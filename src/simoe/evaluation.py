@@ -22,7 +22,6 @@ training truncates prompts: the instance input, at the end, is kept; the definit
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import string
@@ -39,6 +38,7 @@ from transformers import PreTrainedTokenizerBase
 
 from simoe.data import SIMoECollator, build_dataset, load_sni_tasks, render_prompt, sni_prompt
 from simoe.generation import context_length, eval_mode, generate_from_ids
+from simoe.io import read_jsonl, save_json, save_jsonl
 from simoe.model import SIMoEModel
 
 TRACK = "default"
@@ -146,23 +146,6 @@ def score_references(predictions: dict[str, str], references: Sequence[dict]) ->
     }
 
 
-def read_jsonl(path: str | os.PathLike, fields: Sequence[str]) -> list[dict]:
-    """The records of a JSON Lines file, each checked to have ``fields``."""
-    records = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:line {n}: invalid JSON line: {e.msg}") from None
-        missing = [f for f in fields if not isinstance(record, dict) or f not in record]
-        if missing:
-            raise ValueError(f"{path}:line {n}: field {missing[0]!r} is missing")
-        records.append(record)
-    return records
-
-
 def score_files(predictions_file: str | os.PathLike, references_file: str | os.PathLike) -> dict:
     """:func:`score_references` of an official ``predictions.jsonl`` / ``references.jsonl`` pair."""
     predictions = {r["id"]: r["prediction"] for r in read_jsonl(predictions_file, ("id", "prediction"))}
@@ -171,12 +154,6 @@ def score_files(predictions_file: str | os.PathLike, references_file: str | os.P
 
 
 # ---------------------------------------------------------------------------- SNI
-def _write_jsonl(records: Sequence[dict], path: Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
 def evaluate_sni(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -227,11 +204,11 @@ def evaluate_sni(
                    for (task, inst), out, ids in zip(instances, outputs, prompts, strict=True)]
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(predictions, out_dir / "predictions.jsonl")
-    _write_jsonl(references, out_dir / "references.jsonl")
+    save_jsonl(predictions, out_dir / "predictions.jsonl")
+    save_jsonl(references, out_dir / "references.jsonl")
     summary = score_references({p["id"]: p["prediction"] for p in predictions}, references)
     summary["truncated_prompts"] = truncated
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    save_json(summary, out_dir / "summary.json")
     return summary
 
 
@@ -326,5 +303,5 @@ def evaluate_perplexity(
     }
     if output_dir is not None:
         os.makedirs(output_dir, exist_ok=True)
-        Path(output_dir, "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        save_json(summary, Path(output_dir, "summary.json"))
     return summary

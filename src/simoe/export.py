@@ -14,7 +14,6 @@ written with the base's own ``save_pretrained``: transformers, vLLM or lm-eval l
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -22,12 +21,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from simoe import hard_concrete
 from simoe.config import SIMoEConfig
+from simoe.io import save_json, save_state
 from simoe.layer import SIMoELayer
 from simoe.model import SIMoEModel, upcycle
 from simoe.targets import decoder_layers
@@ -45,20 +45,6 @@ _FFN_NAME = re.compile(r"mlp|feed_forward|ffn")
 def _column_dim(layer: SIMoELayer) -> int:
     """The dimension of Δ that a gate indexes: Linear [out, in] -> 1; Conv1D [in, out], norms -> 0."""
     return 1 if layer.delta.dim() == 2 and not isinstance(layer.base, Conv1D) else 0
-
-
-def _save_atomic(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)  # a crash mid-write never leaves a half-written export
-
-
-def _write_json(data: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- parameter report
@@ -133,11 +119,10 @@ def save_compact(model: SIMoEModel, directory: str | os.PathLike) -> dict:
         tensors[f"{name}.gates"] = gates.index_select(1, columns)
     for key, value in model.router.state_dict().items():
         tensors[f"router.{key}"] = value
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     model.simoe_config.save_pretrained(directory)
-    _save_atomic(tensors, os.path.join(directory, COMPACT_WEIGHTS_NAME), {"format": "pt"})
+    save_state(tensors, os.path.join(directory, COMPACT_WEIGHTS_NAME))  # atomic, on the CPU
     report = parameter_report(model)
-    _write_json(report, os.path.join(directory, REPORT_NAME))
+    save_json(report, os.path.join(directory, REPORT_NAME))
     return report
 
 
@@ -332,6 +317,6 @@ def save_merged(model: SIMoEModel, routing_weights: torch.Tensor, directory: str
     model.base_model.save_pretrained(directory, state_dict=state)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    _write_json({"base_model": model.simoe_config.base_model_name_or_path,
-                 "simoe_config": model.simoe_config.to_dict(),
-                 "routing": routing.tolist()}, os.path.join(directory, MERGE_INFO_NAME))
+    save_json({"base_model": model.simoe_config.base_model_name_or_path,
+               "simoe_config": model.simoe_config.to_dict(),
+               "routing": routing.tolist()}, os.path.join(directory, MERGE_INFO_NAME))

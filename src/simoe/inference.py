@@ -9,7 +9,6 @@ routing) and returns the routing it used. The ``simoe generate`` and ``simoe exp
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from simoe.data import check_messages, detect_format, load_records, normalize_re
 from simoe.export import COMPACT_WEIGHTS_NAME, load_compact, mean_routing, parse_routing
 from simoe.generation import batches, pad_id_of
 from simoe.hub import load_model_and_tokenizer
+from simoe.io import iter_jsonl
 from simoe.model import SIMoEModel
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -104,14 +104,8 @@ def load_prompts(path: str | os.PathLike) -> list[tuple[list[dict], str]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such prompts file")
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, record in iter_jsonl(path):
         origin = f"{path}:line {n}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{origin}: invalid JSON line: {e.msg}") from None
         data_format = detect_format(record, origin)
         # A prompt-only record gets a placeholder response, so the format's own normalisation
         # (alpaca's instruction + input, system prompts) applies; the placeholder is dropped below.

@@ -17,7 +17,6 @@ Importing this module registers the model, so lm-eval's own API takes it by name
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from simoe.config import SIMoEConfig
 from simoe.hub import resolve_name
+from simoe.io import save_json
 from simoe.model import SIMoEModel
 
 RESULTS_NAME = "results.json"
@@ -202,10 +202,6 @@ def evaluate(
         apply_chat_template=apply_chat_template, log_samples=False,
     )
     os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, RESULTS_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written results file
+    save_json(results, os.path.join(output_dir, RESULTS_NAME), default=handle_non_serializable,
+              ensure_ascii=False)
     return results

@@ -14,9 +14,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from simoe import objectives
 from simoe.config import CONFIG_NAME, WEIGHTS_NAME, SIMoEConfig
 from simoe.data import template_affixes
+from simoe.io import load_state_into, save_state
 from simoe.layer import SIMoELayer, SIMoELinear, SIMoENorm
 from simoe.router import PromptRoutedModel, Router, masked_mean, skip_template
-from simoe.state_files import load_state_into, save_state
 from simoe.targets import decoder_layers, find_targets, is_linear
 
 

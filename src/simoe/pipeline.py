@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -20,6 +19,7 @@ from transformers import HfArgumentParser, set_seed
 
 from simoe.baselines import METHODS, BaselineConfig, build, parameter_counts
 from simoe.config import RECORDED_FIELDS, SIMoEConfig
+from simoe.io import save_json
 from simoe.train import TRAINING_OPTION_METHODS, BaselineTrainer, SIMoETrainer, SIMoETrainingArguments
 
 
@@ -242,6 +242,5 @@ def run_train(
                    "peak_memory_mb": peak_memory_mb(), "log_history": trainer.state.log_history}
         if model_args.method == "simoe":
             summary["sparsity"] = model.sparsity_report()
-        with open(os.path.join(training_args.output_dir, "train_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        save_json(summary, os.path.join(training_args.output_dir, "train_summary.json"))
     return trainer

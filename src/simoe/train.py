@@ -21,15 +21,15 @@ import shutil
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
+from simoe.io import load_state_into, save_state
 from simoe.model import SIMoEModel
 from simoe.objectives import SIMoERegularizer, deterministic_nonzero, expected_density
-from simoe.state_files import load_state_into, save_state
 
 logger = logging.get_logger(__name__)
 
@@ -380,7 +380,7 @@ class SIMoETrainer(_StagedCheckpoints, Trainer):
         super()._save_rng_state(output_dir)
         generator = self.accelerator.unwrap_model(self.model).gate_generator
         if self.args.should_save and generator is not None:
-            save_file({"state": generator.get_state()}, os.path.join(output_dir, GATE_RNG_NAME))
+            save_state({"state": generator.get_state()}, os.path.join(output_dir, GATE_RNG_NAME))
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)

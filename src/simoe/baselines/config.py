@@ -6,7 +6,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from simoe.state_files import load_json_object, save_json
+from simoe.io import load_json_object, save_json
 
 UPCYCLING_TRAINABLE = ("all", "moe")
 # The methods each option applies to (field metadata "methods"); `simoe train` rejects the others.

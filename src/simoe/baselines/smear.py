@@ -31,8 +31,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from simoe.baselines.config import BaselineConfig
+from simoe.io import load_state_into, save_state
 from simoe.router import PromptRoutedModel, Router, masked_mean
-from simoe.state_files import load_state_into, save_state
 from simoe.targets import decoder_layers
 
 CONFIG_NAME = "smear_config.json"

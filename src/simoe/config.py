@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -10,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from simoe import hard_concrete
-from simoe.io import load_json_object, save_json
+from simoe.config_base import JSONConfig
 
 CONFIG_NAME = "simoe_config.json"
 WEIGHTS_NAME = "simoe_model.safetensors"
@@ -23,7 +22,7 @@ RECORDED_FIELDS = ("base_model_name_or_path", "template_prefix_ids", "template_s
 
 
 @dataclass
-class SIMoEConfig:
+class SIMoEConfig(JSONConfig):
     """Options of a SIMoE upcycling. Defaults follow the paper (M = 8, 75 % sparsity)."""
 
     num_experts: int = field(default=8, metadata={"help": "M, the number of sparse experts."})
@@ -226,24 +225,12 @@ class SIMoEConfig:
         p = float(hard_concrete.prob_nonzero(torch.tensor(float(self.mask_logit_min))))
         return 1.0 - (1.0 - p) ** self.num_experts if self.sparsity_scope == "union" else p
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> SIMoEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
-
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        os.makedirs(directory, exist_ok=True)
-        save_json(self.to_dict(), os.path.join(directory, CONFIG_NAME))
+        self.save(os.path.join(directory, CONFIG_NAME))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> SIMoEConfig:
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-        return cls.from_dict(load_json_object(path), source=path)
+        return cls.load(path)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass, field
 
-from simoe.io import load_json_object, save_json
+from simoe.config_base import JSONConfig
 
 UPCYCLING_TRAINABLE = ("all", "moe")
 # The methods each option applies to (field metadata "methods"); `simoe train` rejects the others.
@@ -14,7 +12,7 @@ _LORA, _UPCYCLING, _SMEAR = ("lora",), ("sparse-upcycling",), ("smear",)
 
 
 @dataclass
-class BaselineConfig:
+class BaselineConfig(JSONConfig):
     """Options of the baselines. Full fine-tuning has none; SIMoE's own live in ``SIMoEConfig``."""
 
     lora_rank: int = field(default=16, metadata={"help": "LoRA: rank r of every adapter.", "methods": _LORA})
@@ -76,28 +74,3 @@ class BaselineConfig:
         if self.upcycling_trainable not in UPCYCLING_TRAINABLE:
             raise ValueError(f"upcycling_trainable must be one of {UPCYCLING_TRAINABLE}, "
                              f"got {self.upcycling_trainable!r}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> BaselineConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        try:
-            return cls(**data)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from e
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the options as a JSON object to ``path`` (atomically)."""
-        os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-        save_json(self.to_dict(), path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> BaselineConfig:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no baseline config at {path}")
-        return cls.from_dict(load_json_object(path), source=os.fspath(path))

@@ -46,8 +46,8 @@ def test_load_for_inference_tells_checkpoints_from_plain_models(dirs):
     assert isinstance(model, SIMoEModel) and not model.training
     assert model.simoe_config.num_experts == M
     reference = _reference(dirs)
-    assert all(torch.equal(a, b) for a, b in zip(model.simoe_state_dict().values(),
-                                                   reference.simoe_state_dict().values(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(model.routed_state_dict().values(),
+                                                   reference.routed_state_dict().values(), strict=True))
     assert tokenizer("Hi").input_ids == char_tokenizer()("Hi").input_ids
     plain, _ = load_for_inference(dirs["base"])
     assert not isinstance(plain, SIMoEModel)

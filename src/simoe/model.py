@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Iterator
 
 import torch
@@ -14,9 +13,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from simoe import objectives
 from simoe.config import CONFIG_NAME, WEIGHTS_NAME, SIMoEConfig
 from simoe.data import template_affixes
-from simoe.io import load_state_into, save_state
 from simoe.layer import SIMoELayer, SIMoELinear, SIMoENorm
-from simoe.router import PromptRoutedModel, Router, masked_mean, skip_template
+from simoe.routed_model import PromptRoutedModel
+from simoe.router import Router, masked_mean, skip_template
 from simoe.targets import decoder_layers, find_targets, is_linear
 
 
@@ -29,6 +28,8 @@ class SIMoEModel(PromptRoutedModel):
 
     Use :func:`upcycle` to build one and :meth:`from_pretrained` to load a saved one.
     """
+
+    config_class, config_name, weights_name = SIMoEConfig, CONFIG_NAME, WEIGHTS_NAME
 
     def __init__(self, base_model: PreTrainedModel, config: SIMoEConfig):
         super().__init__()
@@ -199,7 +200,12 @@ class SIMoEModel(PromptRoutedModel):
         }
 
     # ---------------------------------------------------------------- persistence
-    def simoe_state_dict(self) -> dict[str, torch.Tensor]:
+    @property
+    def options(self) -> SIMoEConfig:
+        """``simoe_config``, under the name the routed-model base saves and loads."""
+        return self.simoe_config
+
+    def routed_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors that define a SIMoE model beyond its base: Δ, log α, router."""
         state = {}
         for name, layer in self.simoe_layers():
@@ -208,42 +214,6 @@ class SIMoEModel(PromptRoutedModel):
         for key, value in self.router.state_dict().items():
             state[f"router.{key}"] = value
         return state
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``simoe_config.json`` and ``simoe_model.safetensors`` (no base weights)."""
-        os.makedirs(directory, exist_ok=True)
-        self.simoe_config.save_pretrained(directory)
-        save_state(self.simoe_state_dict(), os.path.join(directory, WEIGHTS_NAME))
-
-    def load_simoe_weights(self, directory: str | os.PathLike) -> None:
-        load_state_into(self.simoe_state_dict(), os.path.join(directory, WEIGHTS_NAME))
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        base_model: PreTrainedModel | str | os.PathLike,
-        directory: str | os.PathLike | None = None,
-        dtype: str | torch.dtype | None = None,
-    ) -> SIMoEModel:
-        """Upcycle a base as the saved config says, then load the saved SIMoE tensors.
-
-        ``from_pretrained(base, directory)`` uses the given base; ``from_pretrained(directory)``
-        loads the base recorded in the config (``base_model_name_or_path``), as PEFT's Auto classes do.
-        """
-        if directory is None:
-            if isinstance(base_model, PreTrainedModel):
-                raise ValueError("pass the SIMoE directory: from_pretrained(base_model, directory)")
-            directory = base_model
-            config = SIMoEConfig.from_pretrained(directory)
-            if not config.base_model_name_or_path:
-                raise ValueError(f"{os.path.join(directory, CONFIG_NAME)}: no base_model_name_or_path "
-                                 "recorded; pass the base model: from_pretrained(base_model, directory)")
-            from simoe.hub import load_model_and_tokenizer
-
-            base_model, _ = load_model_and_tokenizer(config.base_model_name_or_path, dtype=dtype)
-        model = cls(base_model, SIMoEConfig.from_pretrained(directory))
-        model.load_simoe_weights(directory)
-        return model
 
 
 def upcycle(base_model: PreTrainedModel, config: SIMoEConfig | None = None,

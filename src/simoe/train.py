@@ -372,7 +372,7 @@ class SIMoETrainer(_StagedCheckpoints, Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         simoe = self.accelerator.unwrap_model(self.model)
-        simoe.load_simoe_weights(resume_from_checkpoint)
+        simoe.load_routed_weights(resume_from_checkpoint)
         load_state_into(dict(self.regularizer.named_parameters()),
                         os.path.join(resume_from_checkpoint, LAGRANGIAN_NAME))
 
@@ -461,4 +461,4 @@ class BaselineTrainer(_StagedCheckpoints, Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not self.routes_on_prompt:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self.accelerator.unwrap_model(self.model).load_smear_weights(resume_from_checkpoint)
+        self.accelerator.unwrap_model(self.model).load_routed_weights(resume_from_checkpoint)

@@ -23,7 +23,6 @@ Our choices where the comparison with SIMoE needs them (see also ``BaselineConfi
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator
 
 import torch
@@ -31,8 +30,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from simoe.baselines.config import BaselineConfig
-from simoe.io import load_state_into, save_state
-from simoe.router import PromptRoutedModel, Router, masked_mean
+from simoe.routed_model import PromptRoutedModel
+from simoe.router import Router, masked_mean
 from simoe.targets import decoder_layers
 
 CONFIG_NAME = "smear_config.json"
@@ -105,6 +104,8 @@ class SMEARMLP(nn.Module):
 class SMEARModel(PromptRoutedModel):
     """Wraps (and modifies in place) ``base_model``: every decoder layer's ``mlp`` becomes a SMEARMLP."""
 
+    config_class, config_name, weights_name = BaselineConfig, CONFIG_NAME, WEIGHTS_NAME
+
     def __init__(self, base_model: PreTrainedModel, options: BaselineConfig):
         super().__init__()
         if any(isinstance(m, SMEARMLP) for m in base_model.modules()):
@@ -156,7 +157,7 @@ class SMEARModel(PromptRoutedModel):
             layer.set_routing(routing)
 
     # ---------------------------------------------------------------- persistence
-    def smear_state_dict(self) -> dict[str, torch.Tensor]:
+    def routed_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors that define the model beyond its base: the expert copies and the router."""
         state = {}
         for name, layer in self.smear_layers():
@@ -165,36 +166,3 @@ class SMEARModel(PromptRoutedModel):
         for key, value in self.router.state_dict().items():
             state[f"router.{key}"] = value
         return state
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``smear_config.json`` (options + base) and ``smear_model.safetensors`` (no base weights)."""
-        os.makedirs(directory, exist_ok=True)
-        self.options.save(os.path.join(directory, CONFIG_NAME))
-        save_state(self.smear_state_dict(), os.path.join(directory, WEIGHTS_NAME))
-
-    def load_smear_weights(self, directory: str | os.PathLike) -> None:
-        load_state_into(self.smear_state_dict(), os.path.join(directory, WEIGHTS_NAME))
-
-    @classmethod
-    def from_pretrained(cls, base_model: PreTrainedModel | str | os.PathLike,
-                        directory: str | os.PathLike | None = None,
-                        dtype: str | torch.dtype | None = None) -> SMEARModel:
-        """Rebuild on a base and load the saved tensors.
-
-        ``from_pretrained(base, directory)`` uses the given base; ``from_pretrained(directory)`` loads
-        the recorded ``base_model_name_or_path`` with :func:`simoe.hub.load_model_and_tokenizer`.
-        """
-        if directory is None:
-            if isinstance(base_model, PreTrainedModel):
-                raise ValueError("pass the SMEAR directory: from_pretrained(base_model, directory)")
-            directory = base_model
-            options = BaselineConfig.load(os.path.join(directory, CONFIG_NAME))
-            if not options.base_model_name_or_path:
-                raise ValueError(f"{os.path.join(directory, CONFIG_NAME)}: no base_model_name_or_path "
-                                 "recorded; pass the base model: from_pretrained(base_model, directory)")
-            from simoe.hub import load_model_and_tokenizer
-
-            base_model, _ = load_model_and_tokenizer(options.base_model_name_or_path, dtype=dtype)
-        model = cls(base_model, BaselineConfig.load(os.path.join(directory, CONFIG_NAME)))
-        model.load_smear_weights(directory)
-        return model

@@ -1,0 +1,158 @@
+"""The routed-model base: a frozen HF model whose routed layers take one routing per prompt.
+
+SIMoE (``simoe.model``) and the SMEAR baseline (``simoe.baselines.smear``) are its two subclasses;
+what they share lives here once: routing in ``forward`` and ``generate``, activation checkpointing,
+and saving / loading their own tensors beside the base.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from simoe.config_base import JSONConfig
+from simoe.io import load_state_into, save_state
+
+
+class PromptRoutedModel(nn.Module, abc.ABC):
+    """What SIMoE and the SMEAR baseline share: a frozen HF ``base_model`` whose routed layers get
+    r(x) from the prompt once per sequence, in training (``forward``) and generation
+    (``generate``), and persistence of the model's own tensors beside that base.
+
+    A subclass sets ``config_class`` / ``config_name`` / ``weights_name``, keeps its options in
+    ``options`` and defines the three abstract methods.
+    """
+
+    config_class: type[JSONConfig]
+    config_name: str  # file of the options in a saved directory
+    weights_name: str  # file of the model's own tensors in a saved directory
+    options: JSONConfig
+    base_model: nn.Module
+    last_routing: torch.Tensor | None = None  # r of the last forward, [batch, M]
+
+    @abc.abstractmethod
+    def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The routing [batch, M] of each sequence, read from its prompt tokens."""
+
+    @abc.abstractmethod
+    def set_routing(self, routing: torch.Tensor) -> None:
+        """Hand the routing [batch, M] to every routed layer."""
+
+    @abc.abstractmethod
+    def routed_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors that define the model beyond its frozen base (what is saved and loaded)."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        routing: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """The base model's forward (HF outputs, loss from ``labels``) under the routed layers.
+
+        ``routing`` overrides the router; otherwise it is computed from the prompt tokens.
+        """
+        if routing is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids to route on, or an explicit routing")
+            if kwargs.get("past_key_values") is not None:
+                # input_ids would be only the new tokens: routing on them is not the prompt's
+                raise ValueError("decoding with a cache needs routing=model.route(prompt ids); "
+                                 "model.generate does this for you")
+            routing = self.route(input_ids, attention_mask, prompt_mask)
+        self.last_routing = routing  # with its graph: the trainer's routing terms and logs read it
+        self.set_routing(routing)
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        routing: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """``transformers`` generation; the routing is computed from each prompt once."""
+        if routing is None:
+            routing = self.route(input_ids, attention_mask)
+        self.set_routing(routing)
+        return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        **kwargs) -> None:
+        """Activation checkpointing of the base's layers (Trainer calls it for ``--gradient_checkpointing``).
+
+        Non-reentrant by default: the frozen embeddings give the checkpointed layers inputs that need
+        no grad, and reentrant checkpointing would then drop the gradients of the routed layers'
+        tensors inside them. The routing stays set on the layers, so recomputation uses it (and, for
+        SIMoE, the gates the forward drew).
+        """
+        ckpt_kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if hasattr(self.base_model, "activation_checkpointing_enable"):
+            self.base_model.activation_checkpointing_enable(ckpt_kwargs, **kwargs)
+        else:  # transformers releases before the rename
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kw) -> None:
+        """The name older transformers releases call."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kw)
+
+    @property
+    def config(self):  # the base's HF config, which Trainer and generation utilities read
+        return self.base_model.config
+
+    # ---------------------------------------------------------------- persistence
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the options (``config_name``) and the model's own tensors (``weights_name``; no
+        base weights), each atomically."""
+        os.makedirs(directory, exist_ok=True)
+        self.options.save(os.path.join(directory, self.config_name))
+        save_state(self.routed_state_dict(), os.path.join(directory, self.weights_name))
+
+    def load_routed_weights(self, directory: str | os.PathLike) -> None:
+        """Load the tensors saved in ``directory`` into this model, refusing any mismatch."""
+        load_state_into(self.routed_state_dict(), os.path.join(directory, self.weights_name))
+
+    @classmethod
+    def load_options(cls, directory: str | os.PathLike) -> JSONConfig:
+        path = os.path.join(directory, cls.config_name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {cls.config_name} in {directory}")
+        return cls.config_class.load(path)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: PreTrainedModel | str | os.PathLike,
+        directory: str | os.PathLike | None = None,
+        dtype: str | torch.dtype | None = None,
+    ):
+        """Rebuild on a base as the saved options say, then load the saved tensors.
+
+        ``from_pretrained(base, directory)`` uses the given base; ``from_pretrained(directory)``
+        loads the base recorded in the options (``base_model_name_or_path``), as PEFT's Auto
+        classes do.
+        """
+        if directory is None:
+            if isinstance(base_model, PreTrainedModel):
+                raise ValueError(f"pass the saved directory: {cls.__name__}.from_pretrained(base_model, "
+                                 "directory)")
+            directory = base_model
+            recorded = cls.load_options(directory).base_model_name_or_path
+            if not recorded:
+                raise ValueError(f"{os.path.join(directory, cls.config_name)}: no base_model_name_or_path "
+                                 "recorded; pass the base model: from_pretrained(base_model, directory)")
+            from simoe.hub import load_model_and_tokenizer
+
+            base_model, _ = load_model_and_tokenizer(recorded, dtype=dtype)
+        model = cls(base_model, cls.load_options(directory))
+        model.load_routed_weights(directory)
+        return model

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 from scipy.cluster.hierarchy import dendrogram, leaves_list, linkage
 
-from simoe.data import render_prompt
+from simoe.data import pad_id_of, render_prompt
 from simoe.generation import eval_mode, pad_left, split_record
 from simoe.io import save_json
 from simoe.layer import SIMoENorm
@@ -76,7 +76,7 @@ def routing_by_record(
         if not isinstance(group, str) or not group:
             raise ValueError(f"record {i}: field 'group' must be a non-empty string")
         groups.append(group)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer, model)
     device = next(model.parameters()).device
     rows = []
     with eval_mode(model):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -565,6 +566,21 @@ def build_dataset(
     return datasets.Dataset.from_dict(columns), stats
 
 
+def pad_id_of(tokenizer: PreTrainedTokenizerBase, model: nn.Module | None = None) -> int:
+    """The id sequences are padded with (padding is masked out, so any of these serves): the
+    tokenizer's pad token, else its eos, else the eos of ``model``'s generation config."""
+    candidates = [tokenizer.pad_token_id, tokenizer.eos_token_id]
+    if model is not None:  # a SIMoE / SMEAR model: the generation config is its base model's
+        config = getattr(model, "generation_config", None) or model.base_model.generation_config
+        eos = config.eos_token_id
+        candidates += list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    for candidate in candidates:
+        if candidate is not None:
+            return int(candidate)
+    raise ValueError("the tokenizer has neither a pad nor an eos token to pad with"
+                     + (", nor has the model's generation config an eos" if model is not None else ""))
+
+
 @dataclass
 class SIMoECollator:
     """Right-pads a list of tokenized examples into long tensors for :class:`~simoe.model.SIMoEModel`.
@@ -577,10 +593,7 @@ class SIMoECollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        pad_id = self.tokenizer.pad_token_id
-        pad_id = self.tokenizer.eos_token_id if pad_id is None else pad_id
-        if pad_id is None:
-            raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
+        pad_id = pad_id_of(self.tokenizer)
         length = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of

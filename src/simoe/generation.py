@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from simoe.data import render_prompt
+from simoe.data import pad_id_of, render_prompt
 from simoe.model import SIMoEModel
 
 
@@ -86,15 +86,6 @@ def batches(prompts: Sequence[Sequence[int]], batch_size: int, pad_id: int) -> I
         yield {"input_ids": ids, "attention_mask": mask, "prompt_mask": mask}
 
 
-def pad_id_of(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    eos = eos_ids(model, tokenizer)
-    if not eos:
-        raise ValueError("the tokenizer has no pad token and neither it nor the model has an eos token")
-    return eos[0]
-
-
 @torch.no_grad()
 def generate_from_ids(
     model: nn.Module,
@@ -120,7 +111,7 @@ def generate_from_ids(
     eos = eos_ids(model, tokenizer)
     if not eos:
         raise ValueError("neither the tokenizer nor the model's generation_config has an eos token")
-    pad_id = pad_id_of(model, tokenizer)
+    pad_id = pad_id_of(tokenizer, model)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad_id)
     kwargs.update(generate_kwargs)
     device = next(model.parameters()).device

@@ -19,9 +19,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from simoe.baselines.smear import CONFIG_NAME as SMEAR_CONFIG_NAME
 from simoe.baselines.smear import SMEARModel
 from simoe.config import CONFIG_NAME, WEIGHTS_NAME, SIMoEConfig
-from simoe.data import check_messages, detect_format, load_records, normalize_record, render_prompt
+from simoe.data import check_messages, detect_format, load_records, normalize_record, pad_id_of, render_prompt
 from simoe.export import COMPACT_WEIGHTS_NAME, load_compact, mean_routing, parse_routing
-from simoe.generation import batches, pad_id_of
+from simoe.generation import batches
 from simoe.hub import load_model_and_tokenizer
 from simoe.io import iter_jsonl
 from simoe.model import SIMoEModel
@@ -143,4 +143,4 @@ def resolve_routing(
         return routing
     records = load_records(routing, data_format=data_format)
     prompts = [render_prompt(tokenizer, first_prompt(r["messages"])) for r in records]
-    return mean_routing(model, batches(prompts, batch_size, pad_id_of(model, tokenizer)))
+    return mean_routing(model, batches(prompts, batch_size, pad_id_of(tokenizer, model)))

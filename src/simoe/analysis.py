@@ -223,11 +223,6 @@ def plot_routing_heatmap(
 
 
 # ---------------------------------------------------------------------------- 2. expert overlap
-def _gates_on(layer) -> torch.Tensor:
-    """[M, in_features] bool: the evaluation gates that are non-zero."""
-    return (layer.eval_gates().detach() > 0).cpu()
-
-
 @torch.no_grad()
 def expert_overlap(model: SIMoEModel) -> np.ndarray:
     """[M, M] parameter-weighted Jaccard index |A∩B| / |A∪B| of the experts' non-zero Δ entries.
@@ -240,7 +235,7 @@ def expert_overlap(model: SIMoEModel) -> np.ndarray:
     num_experts = model.simoe_config.num_experts
     both = torch.zeros(num_experts, num_experts, dtype=torch.float64)  # exact up to 2^53 entries
     for _, layer in model.simoe_layers():
-        on = _gates_on(layer).double()
+        on = layer.gates_on().cpu().double()
         both += (on * layer.params_per_gate) @ on.T
     size = both.diagonal()
     either = size[:, None] + size[None, :] - both
@@ -320,7 +315,7 @@ def nonzero_share(model: SIMoEModel) -> dict:
     num_experts = model.simoe_config.num_experts
     counts: dict[str, dict[str, list]] = {"by_depth": {}, "by_type": {}, "overall": {}}
     for name, layer in model.simoe_layers():
-        on = _gates_on(layer)
+        on = layer.gates_on().cpu()
         w = layer.params_per_gate
         union, per_expert = int(on.any(dim=0).sum()) * w, [int(n) * w for n in on.sum(dim=1)]
         for kind, key in (("by_depth", layer_depth(name)), ("by_type", module_type(name, layer)),

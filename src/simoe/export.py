@@ -69,7 +69,7 @@ def parameter_report(model: SIMoEModel) -> dict:
         return sum(p.numel() for p in module.parameters() if id(p) not in simoe_tensors)
 
     base = base_count(model.base_model)
-    kept = [int((layer.eval_gates() > 0).any(dim=0).sum()) for layer in layers]
+    kept = [int(layer.gates_on().any(dim=0).sum()) for layer in layers]
     delta = sum(k * layer.params_per_gate for k, layer in zip(kept, layers, strict=True))
     gates = sum(kept) * model.simoe_config.num_experts
     router = sum(p.numel() for p in model.router.parameters())
@@ -113,7 +113,7 @@ def save_compact(model: SIMoEModel, directory: str | os.PathLike) -> dict:
     tensors = {}
     for name, layer in model.simoe_layers():
         gates = layer.eval_gates()
-        columns = (gates > 0).any(dim=0).nonzero().squeeze(1)
+        columns = layer.gates_on().any(dim=0).nonzero().squeeze(1)
         tensors[f"{name}.columns"] = columns
         tensors[f"{name}.delta"] = layer.delta.index_select(_column_dim(layer), columns)
         tensors[f"{name}.gates"] = gates.index_select(1, columns)

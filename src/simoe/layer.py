@@ -125,6 +125,11 @@ class SIMoELayer(nn.Module):
         """[M, in_features]: the gates evaluation, generation, exports and analyses use."""
         return hard_concrete.gates(self.log_alpha, self.regime, training=False)
 
+    @torch.no_grad()
+    def gates_on(self) -> torch.Tensor:
+        """[M, in_features] bool: which evaluation gates are non-zero (the columns each expert keeps)."""
+        return self.eval_gates() > 0
+
     def expected_gates(self) -> torch.Tensor:
         """E[z] under the training gates, differentiable (what the orthogonality penalty compares)."""
         if self.regime == "noise-free":
@@ -143,7 +148,7 @@ class SIMoELayer(nn.Module):
         if self.regime == "stochastic":
             p = hard_concrete.prob_nonzero(self.log_alpha)
             return p, 1.0 - torch.prod(1.0 - p, dim=0)
-        on = (self.eval_gates() > 0).to(self.log_alpha.dtype)
+        on = self.gates_on().to(self.log_alpha.dtype)
         soft = hard_concrete.prob_nonzero(self.log_alpha)
         return _straight_through(on, soft), _straight_through(on.amax(dim=0), soft.sum(dim=0))
 

@@ -49,7 +49,7 @@ def deterministic_nonzero(layers: Iterable) -> tuple[torch.Tensor, int, int]:
     """Δ entries switched on by the evaluation gates: per expert [M], union, total."""
     per_expert, union, total = 0, 0, 0
     for layer in _layers(layers):
-        on = layer.eval_gates() > 0
+        on = layer.gates_on()
         w = layer.params_per_gate
         per_expert = per_expert + on.sum(dim=1).long() * w
         union += int(on.any(dim=0).sum()) * w

@@ -183,7 +183,7 @@ def bench_model(args: argparse.Namespace) -> None:
         config = SIMoEConfig(num_experts=args.experts)
         simoe = upcycle(tiny_llama(args), config)
         if density < 1.0:
-            for _, layer in simoe.simoe_layers():
+            for _, layer in simoe.routed_layers():
                 if isinstance(layer, SIMoELinear):
                     switch_off_columns(layer, 1.0 - density)
         regularizer = objectives.SIMoERegularizer(config, warmup_steps=0)  # what SIMoETrainer adds
@@ -195,7 +195,7 @@ def bench_model(args: argparse.Namespace) -> None:
         )
 
         def simoe_loss(simoe=simoe, regularizer=regularizer) -> torch.Tensor:
-            return simoe(**batch).loss + regularizer(simoe.simoe_layers(), step=0)[0]
+            return simoe(**batch).loss + regularizer(simoe.routed_layers(), step=0)[0]
 
         name = f"SIMoE M={args.experts}" + ("" if density == 1.0 else f", {density:.0%} dense")
         add(name, simoe, optimizer, simoe_loss, simoe.clamp_mask_logits_)

@@ -59,7 +59,7 @@ def randomize_experts(model, seed: int = 0) -> None:
     """Give a SIMoE model non-trivial Δ, mask logits and router, so tests can tell things apart."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, layer in model.simoe_layers():
+        for _, layer in model.routed_layers():
             layer.delta.copy_(0.3 * torch.randn(layer.delta.shape, generator=g))
             layer.log_alpha.copy_(6 * torch.rand(layer.log_alpha.shape, generator=g) - 3)
             layer.log_alpha[:, : layer.in_features // 4] = -10.0  # off in every expert: skipped

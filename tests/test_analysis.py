@@ -43,7 +43,7 @@ def _simoe(arch="llama", num_experts=4, router_input="embedding-mean"):
 def _masks(model):
     """{(module, Δ entry index): bool [M]}: brute force, one Δ entry at a time, from the gates."""
     masks = {}
-    for name, layer in model.simoe_layers():
+    for name, layer in model.routed_layers():
         on = (layer.eval_gates() > 0).T.tolist()  # [in][M]
         for index in np.ndindex(*layer.delta.shape):
             # the gate of a Linear's entry (out, in) is its column; a Conv1D's (in, out) its row
@@ -112,7 +112,7 @@ def test_heatmap_png_and_json(tmp_path):
 def test_expert_overlap_equals_brute_force_jaccard(arch):
     model = _simoe(arch, num_experts=4)
     with torch.no_grad():
-        for _, layer in model.simoe_layers():
+        for _, layer in model.routed_layers():
             layer.log_alpha[3] = layer.log_alpha[1]  # expert 3 is a copy of expert 1
     masks = _masks(model)
     got = expert_overlap(model)
@@ -131,7 +131,7 @@ def test_expert_overlap_equals_brute_force_jaccard(arch):
 def test_expert_overlap_of_an_empty_expert():
     model = _simoe(num_experts=3)
     with torch.no_grad():
-        for _, layer in model.simoe_layers():
+        for _, layer in model.routed_layers():
             layer.log_alpha[2] = -10.0  # expert 2 switches nothing on
     got = expert_overlap(model)
     assert got[2].tolist() == [0.0, 0.0, 1.0] and got[:, 2].tolist() == [0.0, 0.0, 1.0]
@@ -169,7 +169,7 @@ def test_nonzero_share_equals_an_independent_count(arch):
     assert list(share["by_depth"]) == ["0", "1", "other"]  # two decoder layers, then the final norm
     # count the non-zero entries of Δ ⊙ mask (Δ is random, so non-zero wherever the mask is on)
     counts = {}
-    for name, layer in model.simoe_layers():
+    for name, layer in model.routed_layers():
         on = (layer.eval_gates() > 0).float()
         delta = layer.delta.detach()
         if isinstance(layer.base, Conv1D) or isinstance(layer, SIMoENorm):

@@ -267,7 +267,7 @@ def test_parameter_counts_of_simoe_follow_the_gates(tmp_path):
     model = build("simoe", base, config)
     router = sum(p.numel() for p in model.router.parameters())
     with torch.no_grad():
-        for _, layer in model.simoe_layers():
+        for _, layer in model.routed_layers():
             layer.log_alpha.fill_(-10.0)  # every gate off: the model is the base
             layer.log_alpha[1, :5] = 10.0  # 5 input columns of down_proj (32 entries each) on in expert 1
     counts = parameter_counts(model)

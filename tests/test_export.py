@@ -73,7 +73,7 @@ def test_compact_reload_gives_identical_logits(tmp_path, arch):
         after = reloaded(input_ids=ids).logits
     assert torch.equal(before, after)
     # the gates themselves come back bit for bit, so every deterministic statistic does too
-    for (name, a), (_, b) in zip(model.simoe_layers(), reloaded.simoe_layers(), strict=True):
+    for (name, a), (_, b) in zip(model.routed_layers(), reloaded.routed_layers(), strict=True):
         assert torch.equal(_gates(a.log_alpha), _gates(b.log_alpha)), name
     union = [m.sparsity_report()["union"]["nonzero_params"] for m in (model, reloaded)]
     assert union[0] == union[1]
@@ -87,7 +87,7 @@ def test_compact_keeps_exactly_the_columns_some_expert_uses(tmp_path, arch):
     assert not any(".base." in k or k.endswith("log_alpha") for k in saved)  # no base weight, no logits
 
     nonzero_delta, kept_total, dropped_total = 0, 0, 0
-    for name, layer in model.simoe_layers():
+    for name, layer in model.routed_layers():
         z = _gates(layer.log_alpha.detach())
         kept = [c for c in range(z.shape[1]) if any(z[e, c] > 0 for e in range(M))]
         dropped_total += z.shape[1] - len(kept)

@@ -79,7 +79,7 @@ def test_whole_model_equals_per_example_materialised_weights():
         r = _routing()
         with torch.no_grad():
             logits = model(input_ids=ids, routing=r).logits
-            layers = dict(model.simoe_layers())
+            layers = dict(model.routed_layers())
             for layer in layers.values():
                 assert torch.allclose(layer.mix, r @ layer.eval_gates())
             for b in range(B):

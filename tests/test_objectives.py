@@ -30,7 +30,7 @@ def _noise_free(log_alpha):  # written out here rather than taken from the libra
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])  # Conv1D (in x out) and Linear (out x in)
 def test_densities_equal_per_parameter_reference(arch, regime):
     model = _model(arch, regime=regime)
-    layers = list(model.simoe_layers())
+    layers = list(model.routed_layers())
     ref = (hard_concrete.prob_nonzero if regime == "stochastic" else
            lambda la: (_noise_free(la) > 0).float())  # noise-free: P(z != 0) is 0 or 1
     p = torch.cat([_expand(lay, ref(lay.log_alpha)) for _, lay in layers], 1)
@@ -53,7 +53,7 @@ def test_densities_equal_per_parameter_reference(arch, regime):
 @pytest.mark.parametrize("regime", hard_concrete.REGIMES)
 def test_orthogonality_equals_parameter_weighted_cosine(regime):
     model = _model("llama", regime=regime)
-    layers = list(model.simoe_layers())
+    layers = list(model.routed_layers())
     expected = hard_concrete.expected if regime == "stochastic" else _noise_free
     ez = torch.cat([_expand(lay, expected(lay.log_alpha)) for _, lay in layers], 1)
     cos = torch.nn.functional.cosine_similarity(ez[:, None, :], ez[None, :, :], dim=-1)
@@ -90,7 +90,7 @@ def test_lagrangian_alone_reaches_target_density(scope, regime):
     it back up, at most a little below it: Adam's momentum); test_train.py shows it settling with the NLL."""
     config = SIMoEConfig(num_experts=4, target_sparsity=0.75, sparsity_scope=scope, gate_regime=regime)
     model = upcycle(tiny_model("llama"), config)
-    layers = list(model.simoe_layers())
+    layers = list(model.routed_layers())
     lag = objectives.SparsityLagrangian.for_config(config)
     opt = torch.optim.Adam([
         {"params": model.parameter_groups()["mask_logits"], "lr": 0.05},
@@ -129,8 +129,8 @@ def test_one_optimizer_step_moves_simoe_tensors_only():
     labels[:, :5] = -100
     prompt_mask = (labels == -100).long()
     out = model(input_ids=ids, prompt_mask=prompt_mask, labels=labels)
-    _, union = objectives.expected_density(model.simoe_layers())
-    loss = out.loss + lag(union, 0.9) + objectives.orthogonality(model.simoe_layers())
+    _, union = objectives.expected_density(model.routed_layers())
+    loss = out.loss + lag(union, 0.9) + objectives.orthogonality(model.routed_layers())
     loss.backward()
     opt.step()
     for n, p in model.base_model.named_parameters():

@@ -41,5 +41,5 @@ def test_bf16_base_keeps_fp32_simoe_state_and_equals_base_at_init():
     out = model(input_ids=ids, labels=ids)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     out.loss.backward()
-    layer = next(layer for _, layer in model.simoe_layers())
+    layer = next(layer for _, layer in model.routed_layers())
     assert layer.delta.grad.dtype == torch.float32 and layer.delta.grad.abs().sum() > 0

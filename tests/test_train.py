@@ -194,7 +194,7 @@ def test_loss_is_nll_plus_regulariser_plus_the_routing_terms(tmp_path):
     loss = trainer.compute_loss(model, inputs)
 
     nll = model(**inputs).loss
-    reg, _ = trainer.regularizer(model.simoe_layers(), 0)
+    reg, _ = trainer.regularizer(model.routed_layers(), 0)
     r = model.last_routing
     expected = nll + reg + 0.7 * routing_balance(r) - 0.3 * routing_information(r)
     assert routing_balance(r).item() > 1e-4  # the term is live at initialisation

@@ -34,7 +34,7 @@ def test_every_linear_and_norm_is_upcycled_by_type(arch):
     linears = {n for n, m in base.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
     output = {n for n, m in base.named_modules() if m is base.get_output_embeddings()}
     model = upcycle(base, SIMoEConfig(num_experts=3))
-    layers = dict(model.simoe_layers())
+    layers = dict(model.routed_layers())
     wrapped = {n for n, layer in layers.items() if isinstance(layer, SIMoELinear)}
     assert wrapped == linears - output
     norms = [layer for layer in layers.values() if isinstance(layer, SIMoENorm)]
@@ -53,17 +53,17 @@ def test_every_linear_and_norm_is_upcycled_by_type(arch):
 def test_target_modules_list_regex_and_norm_switch():
     model = upcycle(tiny_model("llama"), SIMoEConfig(target_modules=["q_proj", "v_proj"],
                                                      upcycle_norms=False))
-    names = [n for n, _ in model.simoe_layers()]
+    names = [n for n, _ in model.routed_layers()]
     assert names == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
 
     model = upcycle(tiny_model("llama"), SIMoEConfig(target_modules=r".*\.mlp\.(up|down)_proj",
                                                      upcycle_norms=False))
-    assert [n for n, _ in model.simoe_layers()] == [
+    assert [n for n, _ in model.routed_layers()] == [
         f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("up_proj", "down_proj")
     ]
     # a norm can be targeted by name even with upcycle_norms off
     model = upcycle(tiny_model("llama"), SIMoEConfig(target_modules=["norm"], upcycle_norms=False))
-    assert [n for n, _ in model.simoe_layers()] == ["model.norm"]
+    assert [n for n, _ in model.routed_layers()] == ["model.norm"]
 
 
 def test_clear_errors_on_bad_input():
@@ -105,7 +105,7 @@ def test_noise_free_gates_are_the_same_in_train_and_eval():
         b = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(a, b)
     # the stochastic regime's samples differ from the evaluation gates
-    for _, layer in model.simoe_layers():
+    for _, layer in model.routed_layers():
         layer.regime = "stochastic"
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits, a, atol=1e-4)
@@ -148,7 +148,7 @@ def test_options_of_the_other_gate_regime_are_refused():
         SIMoEConfig(gate_regime="stochastic", mask_init_gate=0.5)
     # the initial gate: noise-free z = mask_init_gate at step 0, in train and eval alike
     model = upcycle(tiny_model("llama"), SIMoEConfig(mask_init_gate=0.3, mask_init_std=0.0))
-    for _, layer in model.simoe_layers():
+    for _, layer in model.routed_layers():
         assert torch.allclose(layer.eval_gates(), torch.full_like(layer.log_alpha, 0.3), atol=1e-6)
 
 
@@ -163,7 +163,7 @@ def test_upcycled_norms_follow_the_targeted_layers(arch):
     top = len(blocks) - 1
     config = SIMoEConfig(num_experts=2, target_modules=rf".*\.{top}\..*(q_proj|c_attn)")
     model = upcycle(base, config)
-    names = {n for n, _ in model.simoe_layers()}
+    names = {n for n, _ in model.routed_layers()}
     norms = {n for n in names if is_norm(dict(model.base_model.named_modules())[n].base)}
     assert norms and all(f".{top}." in n or not any(f".{i}." in n for i in range(len(blocks))) for n in norms)
     assert any(f".{top}." not in n for n in norms)  # the final norm

@@ -234,7 +234,7 @@ def expert_overlap(model: SIMoEModel) -> np.ndarray:
     """
     num_experts = model.simoe_config.num_experts
     both = torch.zeros(num_experts, num_experts, dtype=torch.float64)  # exact up to 2^53 entries
-    for _, layer in model.simoe_layers():
+    for _, layer in model.routed_layers():
         on = layer.gates_on().cpu().double()
         both += (on * layer.params_per_gate) @ on.T
     size = both.diagonal()
@@ -314,7 +314,7 @@ def nonzero_share(model: SIMoEModel) -> dict:
     """
     num_experts = model.simoe_config.num_experts
     counts: dict[str, dict[str, list]] = {"by_depth": {}, "by_type": {}, "overall": {}}
-    for name, layer in model.simoe_layers():
+    for name, layer in model.routed_layers():
         on = layer.gates_on().cpu()
         w = layer.params_per_gate
         union, per_expert = int(on.any(dim=0).sum()) * w, [int(n) * w for n in on.sum(dim=1)]

@@ -20,7 +20,7 @@ def inspect(args: argparse.Namespace) -> None:
     base = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=getattr(torch, args.dtype))
     base_params = sum(p.numel() for p in base.parameters())
     model = upcycle(base, config_from_args(args))
-    kinds = Counter(name.split(".")[-1] for name, _ in model.simoe_layers())
+    kinds = Counter(name.split(".")[-1] for name, _ in model.routed_layers())
     groups = {k: sum(p.numel() for p in v) for k, v in model.parameter_groups().items()}
     report = {
         "base_model": args.model_name_or_path,

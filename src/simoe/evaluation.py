@@ -233,7 +233,7 @@ def response_nll(
     results = []
     with eval_mode(model):
         if training_gates:
-            for _, layer in model.simoe_layers():
+            for _, layer in model.routed_layers():
                 layer.train()
         for start in range(0, len(dataset), batch_size):
             rows = dataset[start:start + batch_size]

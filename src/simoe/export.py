@@ -62,7 +62,7 @@ def parameter_report(model: SIMoEModel) -> dict:
       of them counted in base), total = base + (4 - 1)·F. Its per-layer router (hidden x 4) is
       left out, as in the paper's comparison.
     """
-    layers = [layer for _, layer in model.simoe_layers()]
+    layers = [layer for _, layer in model.routed_layers()]
     simoe_tensors = {id(t) for layer in layers for t in (layer.delta, layer.log_alpha)}
 
     def base_count(module: torch.nn.Module) -> int:
@@ -111,7 +111,7 @@ def save_compact(model: SIMoEModel, directory: str | os.PathLike) -> dict:
     """Write the compact export (see the module docstring) and return its parameter report."""
     os.makedirs(directory, exist_ok=True)
     tensors = {}
-    for name, layer in model.simoe_layers():
+    for name, layer in model.routed_layers():
         gates = layer.eval_gates()
         columns = layer.gates_on().any(dim=0).nonzero().squeeze(1)
         tensors[f"{name}.columns"] = columns
@@ -171,7 +171,7 @@ def load_compact(base_model: PreTrainedModel, directory: str | os.PathLike) -> S
         raise FileNotFoundError(f"no {COMPACT_WEIGHTS_NAME} in {directory}")
     loaded = load_file(path)
     model = upcycle(base_model, config)
-    layers = list(model.simoe_layers())
+    layers = list(model.routed_layers())
     expected = {f"{n}.{part}" for n, _ in layers for part in ("columns", "delta", "gates")}
     expected |= {f"router.{k}" for k in model.router.state_dict()}
     missing, unexpected = sorted(expected - loaded.keys()), sorted(loaded.keys() - expected)
@@ -291,7 +291,7 @@ def merged_state_dict(model: SIMoEModel, routing: torch.Tensor) -> dict[str, tor
     if routing.shape != (m,) or not bool(torch.isfinite(routing).all()) or bool((routing < 0).any()):
         raise ValueError(f"routing must be {m} finite non-negative weights, got {routing.tolist()}")
     state = model.base_model.state_dict()
-    for name, layer in model.simoe_layers():
+    for name, layer in model.routed_layers():
         # m = r @ z, computed as set_routing computes it for a batch
         mix = routing.to(layer.log_alpha)[None] @ layer.eval_gates()
         mix = mix[0, :, None] if isinstance(layer.base, Conv1D) else mix[0]

@@ -14,7 +14,7 @@ from simoe import objectives
 from simoe.config import CONFIG_NAME, WEIGHTS_NAME, SIMoEConfig
 from simoe.data import template_affixes
 from simoe.layer import SIMoELayer, SIMoELinear, SIMoENorm
-from simoe.routed_model import PromptRoutedModel
+from simoe.routed_model import PromptRoutedModel, with_recorded_base
 from simoe.router import Router, masked_mean, skip_template
 from simoe.targets import decoder_layers, find_targets, is_linear
 
@@ -29,6 +29,7 @@ class SIMoEModel(PromptRoutedModel):
     Use :func:`upcycle` to build one and :meth:`from_pretrained` to load a saved one.
     """
 
+    layer_class = SIMoELayer
     config_class, config_name, weights_name = SIMoEConfig, CONFIG_NAME, WEIGHTS_NAME
 
     def __init__(self, base_model: PreTrainedModel, config: SIMoEConfig):
@@ -42,9 +43,7 @@ class SIMoEModel(PromptRoutedModel):
             layer = cls(module, config.num_experts, config.mask_init_logit, config.mask_init_std,
                         config.gate_regime)
             base_model.set_submodule(name, layer)
-        if config.base_model_name_or_path is None:  # record it without touching the caller's config
-            name = getattr(base_model, "name_or_path", None) or None
-            config = dataclasses.replace(config, base_model_name_or_path=name)
+        config = with_recorded_base(config, base_model)
         self.simoe_config = config
         self.base_model = base_model
 
@@ -65,15 +64,9 @@ class SIMoEModel(PromptRoutedModel):
         self.gate_generator: torch.Generator | None = None
 
     # ---------------------------------------------------------------- structure
-    def simoe_layers(self) -> Iterator[tuple[str, SIMoELayer]]:
-        """(qualified name in the base model, layer) for every upcycled module."""
-        for name, module in self.base_model.named_modules():
-            if isinstance(module, SIMoELayer):
-                yield name, module
-
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable tensors by role, for separate learning rates (Δ, mask logits, router)."""
-        layers = [layer for _, layer in self.simoe_layers()]
+        layers = [layer for _, layer in self.routed_layers()]
         return {
             "delta": [layer.delta for layer in layers],
             "mask_logits": [layer.log_alpha for layer in layers],
@@ -86,7 +79,7 @@ class SIMoEModel(PromptRoutedModel):
 
         Clamping the data (not the forward value) keeps the gradient alive at the bounds.
         """
-        for _, layer in self.simoe_layers():
+        for _, layer in self.routed_layers():
             layer.log_alpha.clamp_(self.simoe_config.mask_logit_min, self.simoe_config.mask_logit_max)
 
     def set_router_temperature(self, temperature: float) -> None:
@@ -158,13 +151,13 @@ class SIMoEModel(PromptRoutedModel):
         if routing.dim() != 2 or routing.shape[1] != m:
             raise ValueError(f"routing must have shape [batch, {m}], got {tuple(routing.shape)}")
         routing = routing.float()
-        for _, layer in self.simoe_layers():
+        for _, layer in self.routed_layers():
             layer.set_routing(routing, layer.gates(self.gate_generator))
 
     @contextlib.contextmanager
     def bypass(self) -> Iterator[None]:
         """Inside this context the model computes exactly the frozen base model."""
-        layers = [layer for _, layer in self.simoe_layers()]
+        layers = [layer for _, layer in self.routed_layers()]
         saved = [layer.mix for layer in layers]
         for layer in layers:
             layer.mix = None
@@ -179,7 +172,7 @@ class SIMoEModel(PromptRoutedModel):
     def sparsity_report(self) -> dict:
         """Expected (training gates) and deterministic (evaluation gates) density of every expert and
         of their union; the same numbers for noise-free gates."""
-        layers = [layer for _, layer in self.simoe_layers()]
+        layers = [layer for _, layer in self.routed_layers()]
         exp_expert, exp_union = objectives.expected_density(layers)
         det_expert, det_union, total = objectives.deterministic_nonzero(layers)
 
@@ -208,7 +201,7 @@ class SIMoEModel(PromptRoutedModel):
     def routed_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors that define a SIMoE model beyond its base: Δ, log α, router."""
         state = {}
-        for name, layer in self.simoe_layers():
+        for name, layer in self.routed_layers():
             state[f"{name}.delta"] = layer.delta
             state[f"{name}.log_alpha"] = layer.log_alpha
         for key, value in self.router.state_dict().items():

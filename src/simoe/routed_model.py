@@ -8,7 +8,9 @@ and saving / loading their own tensors beside the base.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -27,12 +29,19 @@ class PromptRoutedModel(nn.Module, abc.ABC):
     ``options`` and defines the three abstract methods.
     """
 
+    layer_class: type[nn.Module]  # the routed layers' type (SIMoELayer, SMEARMLP)
     config_class: type[JSONConfig]
     config_name: str  # file of the options in a saved directory
     weights_name: str  # file of the model's own tensors in a saved directory
     options: JSONConfig
     base_model: nn.Module
     last_routing: torch.Tensor | None = None  # r of the last forward, [batch, M]
+
+    def routed_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        """(qualified name in the base model, layer) for every routed layer."""
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, self.layer_class):
+                yield name, module
 
     @abc.abstractmethod
     def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -156,3 +165,12 @@ class PromptRoutedModel(nn.Module, abc.ABC):
         model = cls(base_model, cls.load_options(directory))
         model.load_routed_weights(directory)
         return model
+
+
+def with_recorded_base(options: JSONConfig, base_model: PreTrainedModel) -> JSONConfig:
+    """``options`` with ``base_model_name_or_path`` taken from ``base_model`` when unset (a copy:
+    the caller's options are not touched), so a saved directory says which base it needs."""
+    if options.base_model_name_or_path is not None:
+        return options
+    name = getattr(base_model, "name_or_path", None) or None
+    return dataclasses.replace(options, base_model_name_or_path=name)

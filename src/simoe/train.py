@@ -271,7 +271,7 @@ class SIMoETrainer(_StagedCheckpoints, Trainer):
         # DDP averages gradients over ranks; undo that for a sum over the global batch.
         ranks = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         self.regularizer.warmup_steps = _steps(self.args.sparsity_warmup_steps, self.state.max_steps)
-        reg, _ = self.regularizer(simoe.simoe_layers(), step)
+        reg, _ = self.regularizer(simoe.routed_layers(), step)
         routing = simoe.last_routing
         information, balance = routing_information(routing), routing_balance(routing)
         c = simoe.simoe_config
@@ -331,7 +331,7 @@ class SIMoETrainer(_StagedCheckpoints, Trainer):
         window = self.accelerator.reduce(self._window.clone(), reduction="sum")
         self._window.zero_()
         simoe = self.accelerator.unwrap_model(self.model)
-        layers = [layer for _, layer in simoe.simoe_layers()]
+        layers = [layer for _, layer in simoe.routed_layers()]
         exp_expert, exp_union = expected_density(layers)
         det_expert, det_union, total = deterministic_nonzero(layers)
         step = self.state.global_step

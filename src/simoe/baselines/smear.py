@@ -22,15 +22,12 @@ Our choices where the comparison with SIMoE needs them (see also ``BaselineConfi
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from simoe.baselines.config import BaselineConfig
-from simoe.routed_model import PromptRoutedModel
+from simoe.routed_model import PromptRoutedModel, with_recorded_base
 from simoe.router import Router, masked_mean
 from simoe.targets import decoder_layers
 
@@ -104,6 +101,7 @@ class SMEARMLP(nn.Module):
 class SMEARModel(PromptRoutedModel):
     """Wraps (and modifies in place) ``base_model``: every decoder layer's ``mlp`` becomes a SMEARMLP."""
 
+    layer_class = SMEARMLP
     config_class, config_name, weights_name = BaselineConfig, CONFIG_NAME, WEIGHTS_NAME
 
     def __init__(self, base_model: PreTrainedModel, options: BaselineConfig):
@@ -116,24 +114,16 @@ class SMEARModel(PromptRoutedModel):
                 raise ValueError(f"SMEAR: decoder layer {i} of {type(base_model).__name__} has no mlp")
             device = next(layer.mlp.parameters()).device
             layer.mlp = SMEARMLP(layer.mlp, options.num_ffn_experts, options.smear_init_noise).to(device)
-        if options.base_model_name_or_path is None:  # record it without touching the caller's options
-            name = getattr(base_model, "name_or_path", None) or None
-            options = dataclasses.replace(options, base_model_name_or_path=name)
+        options = with_recorded_base(options, base_model)
         self.options = options
         self.base_model = base_model
         embeddings = base_model.get_input_embeddings()
         self.router = Router(embeddings.weight.shape[1], options.num_ffn_experts,
                              options.smear_router_hidden_size, temperature=1.0).to(embeddings.weight.device)
 
-    def smear_layers(self) -> Iterator[tuple[str, SMEARMLP]]:
-        """(qualified name in the base model, layer) for every SMEAR FFN."""
-        for name, module in self.base_model.named_modules():
-            if isinstance(module, SMEARMLP):
-                yield name, module
-
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable tensors by role, for separate learning rates."""
-        layers = [layer for _, layer in self.smear_layers()]
+        layers = [layer for _, layer in self.routed_layers()]
         return {"experts": [p for layer in layers for p in (layer.gate_up, layer.down)],
                 "router": list(self.router.parameters())}
 
@@ -153,14 +143,14 @@ class SMEARModel(PromptRoutedModel):
         e = self.options.num_ffn_experts
         if routing.dim() != 2 or routing.shape[1] != e:
             raise ValueError(f"routing must have shape [batch, {e}], got {tuple(routing.shape)}")
-        for _, layer in self.smear_layers():
+        for _, layer in self.routed_layers():
             layer.set_routing(routing)
 
     # ---------------------------------------------------------------- persistence
     def routed_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors that define the model beyond its base: the expert copies and the router."""
         state = {}
-        for name, layer in self.smear_layers():
+        for name, layer in self.routed_layers():
             state[f"{name}.gate_up"] = layer.gate_up
             state[f"{name}.down"] = layer.down
         for key, value in self.router.state_dict().items():

@@ -48,7 +48,7 @@ def _check_layer(layer, x, train):
     layer.set_routing(r, z)
     y = layer(x)
     for b in range(B):
-        w = _merged_weight(layer, layer.mix[b])
+        w = _merged_weight(layer, layer.merged_gates[b])
         ref = functional_call(layer.base, {"weight": w}, (x[b : b + 1],))
         assert (y[b : b + 1] - ref).abs().max() <= 1e-5
 
@@ -81,10 +81,10 @@ def test_whole_model_equals_per_example_materialised_weights():
             logits = model(input_ids=ids, routing=r).logits
             layers = dict(model.routed_layers())
             for layer in layers.values():
-                assert torch.allclose(layer.mix, r @ layer.eval_gates())
+                assert torch.allclose(layer.merged_gates, r @ layer.eval_gates())
             for b in range(B):
                 weights = {
-                    f"{name}.base.weight": _merged_weight(layer, layer.mix[b])
+                    f"{name}.base.weight": _merged_weight(layer, layer.merged_gates[b])
                     for name, layer in layers.items()
                 }
                 with model.bypass():
@@ -96,11 +96,11 @@ def test_masked_delta_gradients_equal_autograd_reference():
     """The custom backward of Δ(m ⊙ x) is exact: gradcheck in float64, both weight layouts."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 2, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    mix = torch.rand(3, 1, 1, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    merged = torch.rand(3, 1, 1, 5, dtype=torch.float64, generator=g, requires_grad=True)
     for conv1d, shape in ((False, (6, 5)), (True, (5, 6))):
         delta = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
         assert torch.autograd.gradcheck(
-            lambda x, m, d: _MaskedDelta.apply(x, m, d, None, conv1d), (x, mix, delta)  # noqa: B023
+            lambda x, m, d: _MaskedDelta.apply(x, m, d, None, conv1d), (x, merged, delta)  # noqa: B023
         )
 
 
@@ -110,15 +110,15 @@ def test_active_columns_path_equals_dense_path():
     active = torch.tensor([0, 2, 3, 6])
     for conv1d, shape in ((False, (5, 8)), (True, (8, 5))):
         x = torch.randn(3, 4, 8, generator=g, requires_grad=True)
-        mix = torch.rand(3, 1, 8, generator=g)
-        mix[..., [1, 4, 5, 7]] = 0  # what r @ z gives where every expert's gate is 0
-        mix.requires_grad_(True)
+        merged = torch.rand(3, 1, 8, generator=g)
+        merged[..., [1, 4, 5, 7]] = 0  # what r @ z gives where every expert's gate is 0
+        merged.requires_grad_(True)
         delta = torch.randn(*shape, generator=g, requires_grad=True)
         grad_out = torch.randn(3, 4, 5, generator=g)
         results = []
         for cols in (None, active):
-            y = _MaskedDelta.apply(x, mix, delta, cols, conv1d)
-            results.append((y, *torch.autograd.grad(y, (x, mix, delta), grad_out)))
+            y = _MaskedDelta.apply(x, merged, delta, cols, conv1d)
+            results.append((y, *torch.autograd.grad(y, (x, merged, delta), grad_out)))
         (y0, gx0, gm0, gd0), (y1, gx1, gm1, gd1) = results
         assert torch.allclose(y0, y1, atol=1e-6) and torch.allclose(gx0, gx1, atol=1e-6)
         assert torch.allclose(gd0, gd1, atol=1e-6)

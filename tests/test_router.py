@@ -64,8 +64,8 @@ def test_routing_is_held_for_every_position_and_can_be_overridden():
     with torch.no_grad():
         a = model(input_ids=ids, routing=expert0).logits
         for _, layer in model.routed_layers():  # m = z_0 for every example under that routing
-            assert torch.equal(layer.mix[0], layer.mix[1])
-            assert torch.equal(layer.mix[0], layer.gates()[0])
+            assert torch.equal(layer.merged_gates[0], layer.merged_gates[1])
+            assert torch.equal(layer.merged_gates[0], layer.gates()[0])
         b = model(input_ids=ids).logits
     assert not torch.allclose(a, b)
 

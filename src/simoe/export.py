@@ -212,7 +212,7 @@ def parse_routing(spec: str, num_experts: int) -> torch.Tensor | Path:
 
     ``expert:K`` (K 0-based, in [0, M)) and ``weights:...`` return the routing [M] (fp32, sums to
     1); weights must be M finite non-negative numbers, not all 0, and are normalised to sum to 1
-    (the router's coefficients always do), so ``weights:1,1,0,0`` is the even mix of experts 0, 1.
+    (the router's coefficients always do), so ``weights:1,1,0,0`` is the even routing over experts 0, 1.
     ``dataset:FILE`` returns the file's path (it must exist); route its prompts with
     :func:`mean_routing`.
     """
@@ -293,10 +293,10 @@ def merged_state_dict(model: SIMoEModel, routing: torch.Tensor) -> dict[str, tor
     state = model.base_model.state_dict()
     for name, layer in model.routed_layers():
         # m = r @ z, computed as set_routing computes it for a batch
-        mix = routing.to(layer.log_alpha)[None] @ layer.eval_gates()
-        mix = mix[0, :, None] if isinstance(layer.base, Conv1D) else mix[0]
+        merged_gates = routing.to(layer.log_alpha)[None] @ layer.eval_gates()
+        merged_gates = merged_gates[0, :, None] if isinstance(layer.base, Conv1D) else merged_gates[0]
         w0 = layer.base.weight
-        merged = (w0.float() + layer.delta * mix).to(w0.dtype)
+        merged = (w0.float() + layer.delta * merged_gates).to(w0.dtype)
         del state[f"{name}.delta"], state[f"{name}.log_alpha"]
         for key in [k for k in state if k.startswith(f"{name}.base.")]:
             state[f"{name}.{key.removeprefix(f'{name}.base.')}"] = state.pop(key)

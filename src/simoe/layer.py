@@ -23,12 +23,12 @@ from transformers.pytorch_utils import Conv1D
 from simoe import hard_concrete
 
 
-def _columns(x, mix, delta, active, conv1d):
+def _columns(x, merged_gates, delta, active, conv1d):
     """x, m and Δ (in x's dtype) on the active input columns (all of them when ``active`` is None)."""
     if active is not None:
-        x, mix, delta = x.index_select(-1, active), mix.index_select(-1, active), delta.index_select(
-            0 if conv1d else 1, active)
-    return x, mix, delta.to(x.dtype)
+        x, merged_gates = x.index_select(-1, active), merged_gates.index_select(-1, active)
+        delta = delta.index_select(0 if conv1d else 1, active)
+    return x, merged_gates, delta.to(x.dtype)
 
 
 def _scatter(values, active, shape, dim):
@@ -53,29 +53,29 @@ class _MaskedDelta(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, mix, delta, active, conv1d: bool):
-        ctx.save_for_backward(x, mix, delta, active)
+    def forward(ctx, x, merged_gates, delta, active, conv1d: bool):
+        ctx.save_for_backward(x, merged_gates, delta, active)
         ctx.conv1d = conv1d
-        xs, ms, ds = _columns(x, mix, delta, active, conv1d)
+        xs, ms, ds = _columns(x, merged_gates, delta, active, conv1d)
         masked = xs * ms
         return masked @ ds if conv1d else F.linear(masked, ds)
 
     @staticmethod
     def backward(ctx, grad):
-        x, mix, delta, active = ctx.saved_tensors
+        x, merged_gates, delta, active = ctx.saved_tensors
         conv1d = ctx.conv1d
-        xs, ms, ds = _columns(x, mix, delta, active, conv1d)
+        xs, ms, ds = _columns(x, merged_gates, delta, active, conv1d)
         grad_masked = grad @ (ds.T if conv1d else ds)
-        grad_x = grad_mix = grad_delta = None
+        grad_x = grad_merged = grad_delta = None
         if ctx.needs_input_grad[0]:
             grad_x = _scatter(grad_masked * ms, active, x.shape, -1)
         if ctx.needs_input_grad[1]:
-            grad_mix = _scatter((grad_masked * xs).sum_to_size(ms.shape), active, mix.shape, -1)
+            grad_merged = _scatter((grad_masked * xs).sum_to_size(ms.shape), active, merged_gates.shape, -1)
         if ctx.needs_input_grad[2]:
             masked, grad = (xs * ms).flatten(0, -2), grad.flatten(0, -2)
             grad_delta = _scatter(masked.T @ grad if conv1d else grad.T @ masked, active,
                                   delta.shape, 0 if conv1d else 1).to(delta.dtype)
-        return grad_x, grad_mix, grad_delta, None, None
+        return grad_x, grad_merged, grad_delta, None, None
 
 
 def _straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
@@ -103,10 +103,10 @@ class SIMoELayer(nn.Module):
             (num_experts, self.in_features), init_logit, dtype=torch.float32, device=weight.device
         )
         self.log_alpha = nn.Parameter(log_alpha + init_std * torch.randn_like(log_alpha))
-        # The merged mask m(x) = r(x) @ z for the current batch, [batch, in_features]. SIMoEModel
+        # The merged gates m(x) = r(x) @ z for the current batch, [batch, in_features]. SIMoEModel
         # sets it before each forward and leaves it in place afterwards, so that activation
         # checkpointing recomputes this layer with the very gates the forward sampled.
-        self.mix: torch.Tensor | None = None
+        self.merged_gates: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -158,20 +158,20 @@ class SIMoELayer(nn.Module):
         Returns the gates used.
         """
         gates = self.gates() if gates is None else gates
-        self.mix = routing @ gates
+        self.merged_gates = routing @ gates
         return gates
 
-    def _mix_for(self, x: torch.Tensor) -> torch.Tensor:
-        """The merged mask shaped to broadcast over x ([batch, ..., in_features])."""
-        mix = self.mix
-        if x.shape[0] != mix.shape[0]:
+    def _merged_gates_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The merged gates m = r @ z shaped to broadcast over x ([batch, ..., in_features])."""
+        m = self.merged_gates
+        if x.shape[0] != m.shape[0]:
             # generate() with num_beams / num_return_sequences repeats each prompt in place.
-            if x.shape[0] % mix.shape[0]:
+            if x.shape[0] % m.shape[0]:
                 raise RuntimeError(
-                    f"batch of {x.shape[0]} cannot be matched to routing for {mix.shape[0]} examples"
+                    f"batch of {x.shape[0]} cannot be matched to routing for {m.shape[0]} examples"
                 )
-            mix = mix.repeat_interleave(x.shape[0] // mix.shape[0], dim=0)
-        return mix.view(mix.shape[0], *([1] * (x.dim() - 2)), mix.shape[-1]).to(x.dtype)
+            m = m.repeat_interleave(x.shape[0] // m.shape[0], dim=0)
+        return m.view(m.shape[0], *([1] * (x.dim() - 2)), m.shape[-1]).to(x.dtype)
 
 
 class SIMoELinear(SIMoELayer):
@@ -197,10 +197,10 @@ class SIMoELinear(SIMoELayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.mix is None:
+        if self.merged_gates is None:
             return y
         conv1d = isinstance(self.base, Conv1D)
-        return y + _MaskedDelta.apply(x, self._mix_for(x), self.delta, self.active, conv1d)
+        return y + _MaskedDelta.apply(x, self._merged_gates_for(x), self.delta, self.active, conv1d)
 
 
 class SIMoENorm(SIMoELayer):
@@ -216,10 +216,10 @@ class SIMoENorm(SIMoELayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.mix is None:
+        if self.merged_gates is None:
             return y
         w = self.base.weight
         slope = functional_call(self.base, {"weight": torch.ones_like(w)}, (x,)) - functional_call(
             self.base, {"weight": torch.zeros_like(w)}, (x,)
         )
-        return y + slope * (self._mix_for(x) * self.delta.to(x.dtype))
+        return y + slope * (self._merged_gates_for(x) * self.delta.to(x.dtype))

@@ -158,14 +158,14 @@ class SIMoEModel(PromptRoutedModel):
     def bypass(self) -> Iterator[None]:
         """Inside this context the model computes exactly the frozen base model."""
         layers = [layer for _, layer in self.routed_layers()]
-        saved = [layer.mix for layer in layers]
+        saved = [layer.merged_gates for layer in layers]
         for layer in layers:
-            layer.mix = None
+            layer.merged_gates = None
         try:
             yield
         finally:
-            for layer, mix in zip(layers, saved, strict=True):
-                layer.mix = mix
+            for layer, merged_gates in zip(layers, saved, strict=True):
+                layer.merged_gates = merged_gates
 
     # ---------------------------------------------------------------- reports
     @torch.no_grad()

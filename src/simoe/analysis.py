@@ -1,6 +1,6 @@
 """The paper's analyses of a trained SIMoE model, each written as a PNG and a JSON of the same numbers.
 
-1. How the router spreads task groups over the experts: mean router coefficients per group, as a
+1. How the router spreads task groups over the experts: the mean routing per group, as a
    heatmap whose rows follow a hierarchical clustering of the groups (dendrogram beside it).
 2. How much the experts' masks overlap: parameter-weighted Jaccard index of the evaluation gates.
 3. Where upcycling keeps parameters: the share of non-zero Δ entries by layer depth and module type.
@@ -63,7 +63,7 @@ def _annotate(ax, data: np.ndarray, vmax: float, fmt: str = "{:.2f}", fontsize: 
 def routing_by_record(
     model: SIMoEModel, tokenizer, records: Sequence[dict], batch_size: int = 32
 ) -> tuple[list[str], torch.Tensor]:
-    """Every record's ``group`` and router coefficients [N, M], from its prompt alone.
+    """Every record's ``group`` and routing [N, M], from its prompt alone.
 
     The prompt is rendered as for generation (:func:`simoe.data.render_prompt`) and routed as
     generation routes it (``model.route`` on the prompt's tokens).

@@ -212,7 +212,7 @@ def parse_routing(spec: str, num_experts: int) -> torch.Tensor | Path:
 
     ``expert:K`` (K 0-based, in [0, M)) and ``weights:...`` return the routing [M] (fp32, sums to
     1); weights must be M finite non-negative numbers, not all 0, and are normalised to sum to 1
-    (the router's coefficients always do), so ``weights:1,1,0,0`` is the even routing over experts 0, 1.
+    (the router's routing always does), so ``weights:1,1,0,0`` is the even routing over experts 0, 1.
     ``dataset:FILE`` returns the file's path (it must exist); route its prompts with
     :func:`mean_routing`.
     """
@@ -253,7 +253,7 @@ def parse_routing(spec: str, num_experts: int) -> torch.Tensor | Path:
 
 @torch.no_grad()
 def mean_routing(model: SIMoEModel, batches: Iterable[Mapping[str, torch.Tensor]]) -> torch.Tensor:
-    """Mean router coefficients [M] over every prompt of ``batches``.
+    """The mean routing [M] over every prompt of ``batches``.
 
     Each batch is a mapping with ``input_ids`` [batch, seq] and optional ``attention_mask`` and
     ``prompt_mask`` (as :meth:`SIMoEModel.route` takes them); every prompt weighs the same,

@@ -131,7 +131,7 @@ def resolve_routing(
 ) -> torch.Tensor:
     """The fixed routing [M] that ``spec`` names: ``expert:K``, ``weights:w1,...,wM`` or ``dataset:FILE``.
 
-    ``dataset:FILE``: the mean router coefficients over the file's records (any format that
+    ``dataset:FILE``: the mean routing over the file's records (any format that
     :func:`simoe.data.load_records` reads), each routed on its prompt before the first response,
     rendered as training renders it, so the routing is the one training and generation computed.
     """

@@ -1,7 +1,7 @@
 """SIMoE layers: a frozen module plus one shared Δ and M structured hard-concrete masks.
 
 For a 2-D weight W0 (out x in) expert m owns one gate per input column, z_m in [0,1]^in.
-Given the router's coefficients r for one example, the merged weight is
+Given the routing r of one example, the merged weight is
 
     W(x) = W0 + Δ · diag(m),   m = Σ_m r_m z_m,
 

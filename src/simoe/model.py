@@ -102,7 +102,7 @@ class SIMoEModel(PromptRoutedModel):
         attention_mask: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Router coefficients [batch, M] (rows sum to 1) from the prompt tokens only.
+        """The routing [batch, M] (rows sum to 1) from the prompt tokens only.
 
         Prompt tokens are those with ``prompt_mask`` = 1 (when given) and ``attention_mask`` = 1.
         """

@@ -1,4 +1,4 @@
-"""The prompt router: one per model, it maps a prompt to merging coefficients r(x) on the simplex.
+"""The prompt router: one per model, it maps a prompt to its routing r(x), a point of the simplex.
 
 It reads a fixed-size summary of the *prompt* tokens only (never the response, never padding),
 is computed once per sequence and held fixed for every position, in training and generation.

@@ -2,7 +2,7 @@
 
 Every decoder layer's FFN (Llama-style ``gate_proj``/``up_proj``/``down_proj``) becomes a
 :class:`SMEARMLP` with E trainable copies of its weights, stacked: ``gate_up`` [E, 2I, H] (gate rows
-first) and ``down`` [E, H, I]. For routing coefficients r_b of example b the layer runs one FFN with
+first) and ``down`` [E, H, I]. For the routing r_b of example b the layer runs one FFN with
 the merged weights W_b = Σ_e r_be W_e, computed for the whole batch with one einsum and batched matmuls.
 
 Our choices where the comparison with SIMoE needs them (see also ``BaselineConfig``):
@@ -130,7 +130,7 @@ class SMEARModel(PromptRoutedModel):
     # ---------------------------------------------------------------- routing
     def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Router coefficients [batch, E] (rows sum to 1) from the prompt tokens' mean input embedding."""
+        """The routing [batch, E] (rows sum to 1) from the prompt tokens' mean input embedding."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = attention_mask if prompt_mask is None else attention_mask * prompt_mask

@@ -304,15 +304,15 @@ def merged_state_dict(model: SIMoEModel, routing: torch.Tensor) -> dict[str, tor
     return state
 
 
-def save_merged(model: SIMoEModel, routing_weights: torch.Tensor, directory: str | os.PathLike,
+def save_merged(model: SIMoEModel, routing: torch.Tensor, directory: str | os.PathLike,
                 tokenizer=None) -> None:
     """Write a plain Hugging Face model directory: the SIMoE model under one fixed routing.
 
-    ``routing_weights`` [M] (from :func:`parse_routing` or :func:`mean_routing`). The caller's
+    ``routing`` [M] (from :func:`parse_routing` or :func:`mean_routing`). The caller's
     model is not modified: merged tensors are new, the rest are the base's own. Also writes
     ``simoe_merge.json`` (the routing and the base it came from), which loaders ignore.
     """
-    routing = torch.as_tensor(routing_weights, dtype=torch.float32)
+    routing = torch.as_tensor(routing, dtype=torch.float32)
     state = merged_state_dict(model, routing)
     model.base_model.save_pretrained(directory, state_dict=state)
     if tokenizer is not None:

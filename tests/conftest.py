@@ -1,4 +1,10 @@
-"""Tiny random models, built offline from configs, one per supported architecture."""
+"""Shared test helpers: tiny random models (one per supported architecture), tiny tokenizers and
+checkpoints, all built offline.
+
+The one place for helpers used by more than one test file; test files import them with
+``from conftest import ...`` (pytest puts tests/ on sys.path; tests/train_tiny.py, run as a script
+from tests/, finds it the same way) and never import each other.
+"""
 
 from __future__ import annotations
 
@@ -106,18 +112,105 @@ def char_tokenizer(chat_template: str | None = CHATML_TEMPLATE):
                                    eos_token="<|im_end|>", unk_token="<unk>", chat_template=chat_template)
 
 
-def save_tiny_checkpoint(root: Path, num_experts: int = 4) -> tuple[str, str]:
+# ChatML with a default system prompt, like SmolLM2-Instruct's template.
+SYSTEM = "You are a test assistant."
+CHATML_SYSTEM_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + SYSTEM + "<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def byte_tokenizer(chat_template: str | None = None, bos: bool = False, pad: bool = False):
+    """A byte-level BPE without merges: one token per byte, so decoding is exact for any text.
+
+    256 byte tokens, then the specials <s>, </s>, <|im_start|>, <|im_end|>, <pad> (ids 256-260): more
+    than the tiny models' VOCAB, so it goes with models sized to ``len(tokenizer)``. eos is <|im_end|>
+    with a chat template, </s> without; ``bos``: encode text as "<s> text", as Llama's tokenizer does;
+    ``pad``: <pad> is the pad token (none otherwise).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    tok.add_special_tokens(specials)
+    if bos:  # encodes text as "<s> text", as Llama's tokenizer does
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+    kwargs = {"pad_token": "<pad>"} if pad else {}
+    if chat_template:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<s>",
+                                       chat_template=chat_template, **kwargs)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>", **kwargs)
+
+
+def save_tiny_checkpoint(root: Path, num_experts: int = 4, chat_template: str | None = CHATML_TEMPLATE,
+                         **config) -> tuple[str, str]:
     """(base dir, SIMoE checkpoint dir) under ``root``: a tiny llama and a randomized SIMoE upcycling of
-    it, each saved with :func:`char_tokenizer`; the checkpoint records the base dir as its base."""
+    it, each saved with ``char_tokenizer(chat_template)``; the checkpoint records the base dir as its
+    base. ``config``: further :class:`SIMoEConfig` fields (``router_input``, ...)."""
     from simoe import SIMoEConfig, upcycle
 
     base_dir, ckpt_dir = root / "base", root / "ckpt"
-    tokenizer = char_tokenizer()
+    tokenizer = char_tokenizer(chat_template)
     tiny_model("llama").save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
-    config = SIMoEConfig(num_experts=num_experts, base_model_name_or_path=str(base_dir))
+    config = SIMoEConfig(num_experts=num_experts, base_model_name_or_path=str(base_dir), **config)
     model = upcycle(tiny_model("llama"), config)
     randomize_experts(model)
     model.save_pretrained(ckpt_dir)
     tokenizer.save_pretrained(ckpt_dir)
     return str(base_dir), str(ckpt_dir)
+
+
+def tiny_simoe(arch: str = "llama", num_experts: int = 4, router_input: str = "embedding-mean"):
+    """A randomized SIMoE upcycling of ``tiny_model(arch)``, in eval mode."""
+    from simoe import SIMoEConfig, upcycle
+
+    model = upcycle(tiny_model(arch), SIMoEConfig(num_experts=num_experts, router_input=router_input))
+    randomize_experts(model)
+    return model.eval()
+
+
+PROMPTS = ["Add: 2 + 3", "Reverse the word: ocean", "Hi", "Count the letter: 'a' in banana", "Sort: c a b"]
+
+
+def chat_records(texts, groups):
+    """One record per text: the text as the user turn, "x" as the answer, and its group."""
+    return [{"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "x"}],
+             "group": g} for t, g in zip(texts, groups, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """:func:`char_tokenizer` with ChatML, built once per module."""
+    return char_tokenizer()
+
+
+# Local stand-ins for chat data that lives on the hub, as records.
+CHAT_RECORDS = [
+    {"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w},
+                  {"role": "user", "content": "Again?"}, {"role": "assistant", "content": f"{w}!"}]}
+    for w in ("yes", "no", "maybe", "never")
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    """A tiny Llama with a byte-level ChatML tokenizer (default system prompt, pad), saved as a local
+    model directory; its vocabulary is the tokenizer's (261 ids)."""
+    tok = byte_tokenizer(CHATML_SYSTEM_TEMPLATE, pad=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id))
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

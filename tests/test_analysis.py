@@ -3,11 +3,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import char_tokenizer, randomize_experts, tiny_model
+from conftest import PROMPTS, chat_records, tiny_simoe
 from matplotlib.image import imread
 from transformers.pytorch_utils import Conv1D
 
-from simoe import SIMoEConfig, upcycle
 from simoe.analysis import (
     analyze,
     cluster_groups,
@@ -20,24 +19,6 @@ from simoe.analysis import (
 )
 from simoe.data import render_prompt
 from simoe.layer import SIMoENorm
-
-PROMPTS = ["Add: 2 + 3", "Reverse the word: ocean", "Hi", "Count the letter: 'a' in banana", "Sort: c a b"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return char_tokenizer()
-
-
-def _records(texts, groups):
-    return [{"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "x"}],
-             "group": g} for t, g in zip(texts, groups, strict=True)]
-
-
-def _simoe(arch="llama", num_experts=4, router_input="embedding-mean"):
-    model = upcycle(tiny_model(arch), SIMoEConfig(num_experts=num_experts, router_input=router_input))
-    randomize_experts(model)
-    return model.eval()
 
 
 def _masks(model):
@@ -55,9 +36,9 @@ def _masks(model):
 # ---------------------------------------------------------------------------- routing by group
 @pytest.mark.parametrize("router_input", ["embedding-mean", "hidden-mean"])
 def test_mean_routing_by_group_equals_manual_routing(tokenizer, router_input):
-    model = _simoe(router_input=router_input)
+    model = tiny_simoe(router_input=router_input)
     groups = ["a", "b", "a", "b", "a"]
-    records = _records(PROMPTS, groups)
+    records = chat_records(PROMPTS, groups)
     got = mean_routing_by_group(model, tokenizer, records, batch_size=2)
     with torch.no_grad():
         rows = [model.route(torch.tensor([render_prompt(tokenizer, r["messages"][:-1])]))[0]
@@ -110,7 +91,7 @@ def test_heatmap_png_and_json(tmp_path):
 # ---------------------------------------------------------------------------- expert overlap
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_expert_overlap_equals_brute_force_jaccard(arch):
-    model = _simoe(arch, num_experts=4)
+    model = tiny_simoe(arch, num_experts=4)
     with torch.no_grad():
         for _, layer in model.routed_layers():
             layer.log_alpha[3] = layer.log_alpha[1]  # expert 3 is a copy of expert 1
@@ -129,7 +110,7 @@ def test_expert_overlap_equals_brute_force_jaccard(arch):
 
 
 def test_expert_overlap_of_an_empty_expert():
-    model = _simoe(num_experts=3)
+    model = tiny_simoe(num_experts=3)
     with torch.no_grad():
         for _, layer in model.routed_layers():
             layer.log_alpha[2] = -10.0  # expert 2 switches nothing on
@@ -163,7 +144,7 @@ def _type_by_name(name):
 
 @pytest.mark.parametrize("arch", sorted(EXPECTED_TYPES))
 def test_nonzero_share_equals_an_independent_count(arch):
-    model = _simoe(arch, num_experts=3)
+    model = tiny_simoe(arch, num_experts=3)
     share = nonzero_share(model)
     assert list(share["by_type"]) == EXPECTED_TYPES[arch]
     assert list(share["by_depth"]) == ["0", "1", "other"]  # two decoder layers, then the final norm
@@ -209,9 +190,9 @@ def test_module_names():
 
 # ---------------------------------------------------------------------------- all of them
 def test_analyze_writes_pngs_and_jsons_equal_to_the_returned_numbers(tmp_path, tokenizer):
-    model = _simoe(num_experts=3)
+    model = tiny_simoe(num_experts=3)
     # "b2" holds the same prompt as "b" (in another batch, other padding): they route alike
-    records = _records([*PROMPTS, PROMPTS[1]], ["a", "b", "a", "c", "c", "b2"])
+    records = chat_records([*PROMPTS, PROMPTS[1]], ["a", "b", "a", "c", "c", "b2"])
     result = analyze(model, tokenizer, records, tmp_path / "out", batch_size=3)
     for stem, key in (("routing_heatmap", "routing"), ("expert_overlap", "overlap"),
                       ("nonzero_share", "nonzero_share")):

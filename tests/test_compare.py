@@ -7,7 +7,6 @@ import torch
 import yaml
 from conftest import SHARED_DATA
 from safetensors.torch import load_file
-from test_configs import tiny_dir  # noqa: F401  (fixture)
 
 from simoe import compare
 from simoe.cli import main
@@ -15,7 +14,7 @@ from simoe.cli import main
 TASK = "task1394_meta_woz_task_classification"
 
 
-def test_compare_runs_each_method_once_and_writes_the_study(tiny_dir, tmp_path):  # noqa: F811
+def test_compare_runs_each_method_once_and_writes_the_study(tiny_dir, tmp_path):
     config = {
         "model_name_or_path": tiny_dir,
         "methods": ["base", "lora", "simoe"],

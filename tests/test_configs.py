@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA
-from test_data import CHATML, byte_tokenizer
-from transformers import AutoModelForCausalLM, LlamaConfig
+from conftest import CHAT_RECORDS, SHARED_DATA
+from transformers import AutoModelForCausalLM
 
 from simoe import SIMoEModel
 from simoe.cli import main
@@ -15,24 +14,6 @@ from simoe.pipeline import parse_train_args
 
 CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")
                  if not p.name.startswith("compare_"))  # `simoe compare` studies: test_compare.py
-# local stand-ins for data that lives on the hub
-CHAT = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w},
-                      {"role": "user", "content": "Again?"}, {"role": "assistant", "content": f"{w}!"}]}
-        for w in ("yes", "no", "maybe", "never")]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    """A tiny Llama with a byte-level ChatML tokenizer, saved as a local model directory."""
-    tok = byte_tokenizer(CHATML, pad=True)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id))
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def _data_for(config: dict, tmp_path: Path) -> list[str]:
@@ -40,7 +21,7 @@ def _data_for(config: dict, tmp_path: Path) -> list[str]:
         return ["--data", str(SHARED_DATA / "sni"), "--max_instances_per_task", "2"]
     if config["data"].startswith("allenai/"):
         path = tmp_path / "chat.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in CHAT))
+        path.write_text("".join(json.dumps(r) + "\n" for r in CHAT_RECORDS))
         return ["--data", str(path)]
     return []
 

@@ -14,9 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import SHARED_DATA
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from conftest import CHATML_SYSTEM_TEMPLATE, SHARED_DATA, SYSTEM, byte_tokenizer
 
 from simoe.data import (
     SIMoECollator,
@@ -29,37 +27,11 @@ from simoe.data import (
 )
 
 SNI = SHARED_DATA / "sni"
-SYSTEM = "You are a test assistant."
-# ChatML with a default system prompt, like SmolLM2-Instruct's template.
-CHATML = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\n" + SYSTEM + "<|im_end|>\\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
-def byte_tokenizer(chat_template: str | None = None, bos: bool = False, pad: bool = False):
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<pad>"]
-    tok.add_special_tokens(specials)
-    if bos:  # encodes text as "<s> text", as Llama's tokenizer does
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-        )
-    kwargs = {"pad_token": "<pad>"} if pad else {}
-    if chat_template:
-        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<s>",
-                                       chat_template=chat_template, **kwargs)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>", **kwargs)
 
 
 @pytest.fixture(scope="module")
 def chat_tok():
-    return byte_tokenizer(CHATML)
+    return byte_tokenizer(CHATML_SYSTEM_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +204,7 @@ def test_build_dataset_and_collator(chat_tok):
         build_dataset(SNI, chat_tok, split="test", max_instances_per_task=3, max_seq_length=1)
 
     features = [dataset[i] for i in range(3)]
-    batch = SIMoECollator(byte_tokenizer(CHATML, pad=True), pad_to_multiple_of=64)(features)
+    batch = SIMoECollator(byte_tokenizer(CHATML_SYSTEM_TEMPLATE, pad=True), pad_to_multiple_of=64)(features)
     length = -(-max(len(f["input_ids"]) for f in features) // 64) * 64
     assert set(batch) == {"input_ids", "attention_mask", "labels", "prompt_mask"}
     pads = {"input_ids": chat_tok.convert_tokens_to_ids("<pad>"), "attention_mask": 0, "labels": -100,

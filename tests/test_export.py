@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, randomize_experts, tiny_model
+from conftest import VOCAB, char_tokenizer, randomize_experts, tiny_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
 from simoe import SIMoEConfig, hard_concrete, upcycle
@@ -172,17 +172,6 @@ def test_gate_inversion_is_exact_at_the_clamps_and_in_between(regime):
 
 
 # ---------------------------------------------------------------- merged
-def _tokenizer():
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_merged_model_loads_without_simoe_and_matches_fixed_routing(tmp_path, arch):
     model = _trained(arch)
@@ -214,7 +203,7 @@ def test_merged_model_loads_without_simoe_and_matches_fixed_routing(tmp_path, ar
 def test_merged_keeps_dtype_and_writes_the_tokenizer(tmp_path):
     model = upcycle(tiny_model("llama").to(torch.bfloat16), SIMoEConfig(num_experts=M))
     randomize_experts(model)
-    tokenizer = _tokenizer()
+    tokenizer = char_tokenizer()
     save_merged(model, parse_routing("expert:0", M), tmp_path, tokenizer=tokenizer)
     saved = load_file(tmp_path / "model.safetensors")
     assert set(saved) == set(tiny_model("llama").state_dict())

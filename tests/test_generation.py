@@ -1,50 +1,18 @@
-import string
-
 import pytest
 import torch
-from conftest import randomize_experts, tiny_model
-from tokenizers import Tokenizer, decoders, models
-from transformers import PreTrainedTokenizerFast
+from conftest import PROMPTS, chat_records, tiny_model, tiny_simoe
 
-from simoe import SIMoEConfig, upcycle
 from simoe.data import render_prompt
 from simoe.generation import exact_match, exact_match_by_group, generate, score_by_group
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-PROMPTS = ["Add: 2 + 3", "Reverse the word: ocean", "Hi", "Count the letter: 'a' in banana", "Sort: c a b"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """A character-level ChatML tokenizer whose ids fit the tiny models' vocabulary (pad 0, eos 2)."""
-    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
-    chars = list(string.ascii_letters + string.digits + " \n:;+-.,'?")
-    vocab = {t: i for i, t in enumerate([*specials, *chars, "<unk>"])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|pad|>", bos_token="<|im_start|>",
-                                   eos_token="<|im_end|>", unk_token="<unk>", chat_template=CHATML)
 
 
 def _chats(texts):
     return [[{"role": "user", "content": t}] for t in texts]
 
 
-def _records(texts, groups):
-    return [{"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "x"}],
-             "group": g} for t, g in zip(texts, groups, strict=True)]
-
-
-def _simoe(router_input="embedding-mean"):
-    model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=4, router_input=router_input))
-    randomize_experts(model)
-    return model.eval()
-
-
 @pytest.mark.parametrize("kind", ["hf", "simoe"])
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tokenizer, kind):
-    model = tiny_model("llama") if kind == "hf" else _simoe()
+    model = tiny_model("llama") if kind == "hf" else tiny_simoe()
     chats = _chats(PROMPTS)
     batched = generate(model, tokenizer, chats, max_new_tokens=6, batch_size=3)  # batches of 3 and 2
     singles = [generate(model, tokenizer, [c], max_new_tokens=6, batch_size=1)[0] for c in chats]
@@ -73,7 +41,7 @@ def _greedy(model, ids: list[int], routing: torch.Tensor, steps: int = 6, eos: i
 def test_simoe_generation_uses_each_prompts_own_routing(tokenizer):
     from simoe.generation import generate_from_ids
 
-    model = _simoe()
+    model = tiny_simoe()
     chats = _chats(PROMPTS)
     texts = generate(model, tokenizer, chats, max_new_tokens=6, batch_size=3)
     changed = 0
@@ -107,7 +75,7 @@ def test_stops_at_the_model_generation_config_eos(tokenizer):
 
 
 def test_generate_restores_the_training_mode(tokenizer):
-    model = _simoe().train()
+    model = tiny_simoe().train()
     generate(model, tokenizer, _chats(["Hi"]), max_new_tokens=2)
     assert model.training
 
@@ -122,7 +90,7 @@ def test_exact_match_rules():
 
 
 def test_score_by_group():
-    records = _records(["a", "b", "c", "d"], ["g1", "g2", "g1", "g1"])
+    records = chat_records(["a", "b", "c", "d"], ["g1", "g2", "g1", "g1"])
     for r, answer in zip(records, ["1", "2", "3", "4"], strict=True):
         r["messages"][-1]["content"] = answer
     assert score_by_group(records, ["1", "2", "x", "4."]) == {"g1": 2 / 3, "g2": 1.0}
@@ -134,7 +102,7 @@ def test_score_by_group():
 
 def test_exact_match_by_group_scores_the_generations(tokenizer):
     model = tiny_model("llama")
-    records = _records(PROMPTS, ["a", "b", "a", "b", "a"])
+    records = chat_records(PROMPTS, ["a", "b", "a", "b", "a"])
     predictions = generate(model, tokenizer, _chats(PROMPTS), max_new_tokens=4)
     for r, p in zip(records[:3], predictions, strict=False):
         r["messages"][-1]["content"] = p  # these three are right, the other two ("x") wrong

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import string
 
 import pytest
 import torch
 import yaml
-from conftest import VOCAB, randomize_experts, tiny_model
+from conftest import save_tiny_checkpoint
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
-from tokenizers import Tokenizer, decoders, models
-from transformers import PreTrainedTokenizerFast
 
-from simoe import SIMoEConfig, upcycle
 from simoe.lm_eval_model import SIMoELM, evaluate
 
 # (context, continuation): contexts of different lengths batched together, multi-token
@@ -38,30 +34,9 @@ DOCS = [
 TEXT = "Q: {{question}}\nA:"
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer with exactly the tiny models' vocabulary (pad 0, eos 2)."""
-    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
-    chars = list(string.ascii_letters + string.digits + " \n" + string.punctuation[:28])
-    vocab = {t: i for i, t in enumerate([*specials, *chars, "<unk>"])}
-    assert len(vocab) == VOCAB
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|pad|>", bos_token="<|im_start|>",
-                                   eos_token="<|im_end|>", unk_token="<unk>")
-
-
 def _save_checkpoint(root, router_input: str = "embedding-mean") -> str:
-    """A SIMoE checkpoint (with its tokenizer) whose config points to a saved tiny Llama base."""
-    tokenizer = _tokenizer()
-    base = tiny_model("llama")
-    base.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    config = SIMoEConfig(num_experts=4, router_input=router_input, base_model_name_or_path=str(root / "base"))
-    model = upcycle(base, config)
-    randomize_experts(model)
-    model.save_pretrained(root / "simoe")
-    tokenizer.save_pretrained(root / "simoe")
-    return str(root / "simoe")
+    """A SIMoE checkpoint (with its tokenizer, no chat template) whose config points to a saved tiny Llama."""
+    return save_tiny_checkpoint(root, chat_template=None, router_input=router_input)[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_configs import CHAT, tiny_dir  # noqa: F401  (fixture)
+from conftest import CHAT_RECORDS
 
 from simoe.cli import main
 from simoe.inference import load_for_inference
@@ -23,12 +23,12 @@ def _train(model_dir, data, out, method, steps=2, extra=()):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in CHAT * 2))
+    path.write_text("".join(json.dumps(r) + "\n" for r in CHAT_RECORDS * 2))
     return path
 
 
 @pytest.mark.parametrize("method", BASELINES)
-def test_baseline_trains_saves_and_reloads_for_inference(method, tiny_dir, data, tmp_path):  # noqa: F811
+def test_baseline_trains_saves_and_reloads_for_inference(method, tiny_dir, data, tmp_path):
     out = tmp_path / method
     _train(tiny_dir, data, out, method, steps=4)
     summary = json.loads((out / "train_summary.json").read_text())
@@ -57,7 +57,7 @@ def test_baseline_trains_saves_and_reloads_for_inference(method, tiny_dir, data,
 
 
 @pytest.mark.parametrize("method", ["lora", "smear"])
-def test_baseline_resume_equals_uninterrupted(method, tiny_dir, data, tmp_path):  # noqa: F811
+def test_baseline_resume_equals_uninterrupted(method, tiny_dir, data, tmp_path):
     _train(tiny_dir, data, tmp_path / "full", method, steps=4)
     _train(tiny_dir, data, tmp_path / "resumed", method, steps=4,
            extra=("--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-2")))

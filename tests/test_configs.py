@@ -100,3 +100,21 @@ def test_a_yaml_option_the_method_ignores_names_the_file(tmp_path):
     _, _, config, args = parse_train_args(["--method", "smear", "--router_learning_rate", "1e-3",
                                            "--num_ffn_experts", "2", "--learning_rate", "1e-4"])
     assert config.num_ffn_experts == 2 and args.router_learning_rate == 1e-3
+
+
+def test_target_modules_are_normalised_once_in_the_config(tmp_path):
+    from simoe import SIMoEConfig
+
+    assert SIMoEConfig(target_modules=[r".*layers\.1\..*"]).target_modules == r".*layers\.1\..*"
+    assert SIMoEConfig(target_modules=["all-linear"]).target_modules == "all-linear"
+    assert SIMoEConfig(target_modules=["q_proj"]).target_modules == ["q_proj"]
+    assert SIMoEConfig(target_modules=("q_proj", "v_proj")).target_modules == ["q_proj", "v_proj"]
+    # the same from the command line (a list of tokens) and from YAML (a string or a list)
+    assert parse_train_args(["--target_modules", ".*mlp.*"])[2].target_modules == ".*mlp.*"
+    both = parse_train_args(["--target_modules", "q_proj", "v_proj"])[2].target_modules
+    assert both == ["q_proj", "v_proj"]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("target_modules: '.*mlp.*'\n")
+    assert parse_train_args(["--config", str(cfg)])[2].target_modules == ".*mlp.*"
+    cfg.write_text("target_modules: [o_proj]\n")
+    assert parse_train_args(["--config", str(cfg)])[2].target_modules == ["o_proj"]

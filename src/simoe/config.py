@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,7 @@ WEIGHTS_NAME = "simoe_model.safetensors"
 ROUTER_INPUTS = ("embedding-mean", "hidden-mean")
 ROUTER_SPANS = ("user", "prompt")
 SPARSITY_SCOPES = ("union", "expert")
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")  # a module name or name suffix, not a regex
 # Fields simoe records (from the base model and its tokenizer); never set by hand or on the CLI.
 RECORDED_FIELDS = ("base_model_name_or_path", "template_prefix_ids", "template_suffix_ids")
 
@@ -161,6 +163,10 @@ class SIMoEConfig(JSONConfig):
             if not self.target_modules or not all(isinstance(n, str) for n in self.target_modules):
                 raise ValueError("target_modules must be a non-empty list of module names")
             self.target_modules = list(self.target_modules)
+            # One entry that is 'all-linear' or a regex (as `--target_modules X` gives) is that string.
+            only = self.target_modules[0]
+            if len(self.target_modules) == 1 and (only == "all-linear" or not _PLAIN_NAME.match(only)):
+                self.target_modules = only
         elif not isinstance(self.target_modules, str) or not self.target_modules:
             raise ValueError(f"target_modules must be a string or a list, got {self.target_modules!r}")
         if self.router_hidden_size < 1:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 
@@ -78,9 +77,6 @@ class DataArguments:
     )
 
 
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
-
-
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes"):
         return True
@@ -111,12 +107,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type = SIMoEConfi
 
 def config_from_args(args: argparse.Namespace, cls: type = SIMoEConfig):
     values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in values.items() if v is not None}
-    targets = values.get("target_modules")
-    # One value that is 'all-linear' or a regex stays a string; plain names make a list.
-    if targets and len(targets) == 1 and not (_PLAIN_NAME.match(targets[0]) and targets[0] != "all-linear"):
-        values["target_modules"] = targets[0]
-    return cls(**values)
+    return cls(**{k: v for k, v in values.items() if v is not None})
 
 
 def build_parser() -> HfArgumentParser:
@@ -152,8 +143,6 @@ def parse_train_args(
     check_options_apply(model_args.method, {f"--{name}" for name in given}, source="command line")
     if known.config:
         check_options_apply(model_args.method, set(defaults), source=known.config)
-    if isinstance(getattr(rest, "target_modules", None), str):  # a YAML string, not CLI tokens
-        rest.target_modules = [rest.target_modules]
     cls = SIMoEConfig if model_args.method == "simoe" else BaselineConfig
     return model_args, data_args, config_from_args(rest, cls), training_args
 

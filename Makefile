@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint demo bench
+.PHONY: install test test-fast lint demo bench
 
 # torch is pinned first so pip never resolves a bare `torch` (a multi-GB CUDA build);
 # pyproject only asks torch>=2.4, so GPU users keep the build they have.
@@ -21,6 +21,10 @@ install: $(VENV)/.installed
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+test-fast: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check .

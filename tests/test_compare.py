@@ -14,6 +14,7 @@ from simoe.cli import main
 TASK = "task1394_meta_woz_task_classification"
 
 
+@pytest.mark.slow
 def test_compare_runs_each_method_once_and_writes_the_study(tiny_dir, tmp_path):
     config = {
         "model_name_or_path": tiny_dir,

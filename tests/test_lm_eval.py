@@ -112,6 +112,7 @@ def test_generation_routes_each_prompt_without_its_padding(lm, monkeypatch):
         assert text == lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0]
 
 
+@pytest.mark.slow
 def test_evaluate_runs_a_local_task_and_writes_its_metric(checkpoint, tmp_path, lm):
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps(doc) + "\n" for doc in DOCS), encoding="utf-8")
@@ -142,6 +143,7 @@ def test_evaluate_runs_a_local_task_and_writes_its_metric(checkpoint, tmp_path, 
     assert written["config"]["simoe_checkpoint"] == checkpoint
 
 
+@pytest.mark.slow
 def test_evaluate_rejects_unknown_tasks(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="no_such_task"):
         evaluate(checkpoint, ["no_such_task"], str(tmp_path / "out"), include_path=str(tmp_path))

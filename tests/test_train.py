@@ -39,6 +39,7 @@ def _same_weights(a: Path, b: Path, rtol: float, atol: float = 1e-6) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path):
     full = _train(tmp_path / "full", max_steps=8)
     killed_dir = tmp_path / "killed"
@@ -62,6 +63,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     _same_weights(tmp_path / "full/final", killed_dir / "final", rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_equals_one_process_with_the_same_global_batch(tmp_path):
     one = _train(tmp_path / "one", max_steps=3, batch=4)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -75,6 +77,7 @@ def test_two_process_gloo_run_equals_one_process_with_the_same_global_batch(tmp_
     _same_weights(tmp_path / "one/final", tmp_path / "two/final", rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     whole = _train(tmp_path / "whole", max_steps=3, batch=4)
     accumulated = _train(tmp_path / "acc", max_steps=3, batch=2, accumulation=2)
@@ -82,6 +85,7 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
         _same(whole[step], accumulated[step])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("regime", ["noise-free", "stochastic"])
 def test_training_lowers_the_nll_and_meets_the_sparsity_target(tmp_path, regime):
     from train_tiny import collate, dataset

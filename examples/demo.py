@@ -106,7 +106,8 @@ def main(argv: list[str]) -> None:
 
     out = training_args.output_dir
     png = os.path.join(out, "routing_heatmap.png")
-    plot_routing_heatmap(mean_routing, png, title="SIMoE demo: mean router coefficient per task family")
+    labels = {f"{f} (held out)" if f in synthetic_tasks.HELD_OUT else f: r for f, r in mean_routing.items()}
+    plot_routing_heatmap(labels, png, title="SIMoE demo: mean routing per task family")
     results = {"base_exact_match": base_em, "simoe_exact_match": simoe_em,
                "held_out": synthetic_tasks.HELD_OUT, "sparsity": report, "gate_gap": gap,
                "routing": special, "mean_routing": mean_routing, "seconds": time.time() - start}

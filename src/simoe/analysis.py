@@ -91,13 +91,13 @@ def routing_by_record(
 def mean_routing_by_group(
     model: SIMoEModel, tokenizer, records: Sequence[dict], batch_size: int = 32
 ) -> dict[str, list[float]]:
-    """Mean router coefficients [M] of every ``group`` (:func:`routing_by_record`), in the order
+    """The mean routing [M] of every ``group`` (:func:`routing_by_record`), in the order
     the groups first appear in ``records``."""
     return mean_by_group(*routing_by_record(model, tokenizer, records, batch_size))
 
 
 def mean_by_group(groups: Sequence[str], routing: torch.Tensor) -> dict[str, list[float]]:
-    """Mean router coefficients [M] of every group, in the order the groups first appear."""
+    """The mean routing [M] of every group, in the order the groups first appear."""
     order = list(dict.fromkeys(groups))
     index = torch.tensor([order.index(g) for g in groups])
     return {g: routing[index == i].mean(dim=0).tolist() for i, g in enumerate(order)}
@@ -112,7 +112,7 @@ def routing_specialisation(groups: Sequence[str], routing: torch.Tensor) -> dict
     """How the router divides prompts among experts.
 
     ``load``: each expert's share of the mean routing mass; ``top_expert_share``: the share of
-    prompts whose largest coefficient is that expert's; ``nmi``: normalised mutual information
+    prompts whose largest share of the routing is that expert's; ``nmi``: normalised mutual information
     between the prompts' groups and their top experts, I / ((H(group) + H(expert)) / 2) (the
     arithmetic normalisation, as scikit-learn's default): 0 when the top expert says nothing
     about the group, 1 when the two determine each other.
@@ -165,13 +165,13 @@ def cluster_groups(mean_routing: dict[str, list[float]]) -> dict:
 def plot_routing_heatmap(
     mean_routing: dict[str, list[float]],
     path: str | os.PathLike,
-    title: str = "Mean router coefficient per task group",
+    title: str = "Mean routing per task group",
 ) -> dict:
     """Heatmap of the mean routing (groups as rows in dendrogram order, experts E0.. as columns),
     with the dendrogram on the left, saved to ``path`` (PNG).
 
     Returns what is written to ``path.with_suffix(".json")``: :func:`cluster_groups`'s fields plus
-    ``experts`` and ``mean_routing`` ({group: [M coefficients]}, in input order).
+    ``experts`` and ``mean_routing`` ({group: [M shares]}, in input order).
     """
     clusters = cluster_groups(mean_routing)
     groups, data = _routing_matrix(mean_routing)
@@ -188,7 +188,7 @@ def plot_routing_heatmap(
     grid = fig.add_gridspec(1, 2, width_ratios=[1.6, 0.55 * n_experts], wspace=0.0)
     ax_tree, ax = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
 
-    vmax = max(float(data.max()), 1e-9)  # vmin 0: a coefficient is a share of the prompt's routing
+    vmax = max(float(data.max()), 1e-9)  # vmin 0: each entry is a share of the prompt's routing
     image = ax.imshow(shown, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
     ax.set_xticks(range(n_experts), [f"E{m}" for m in range(n_experts)])
     ax.set_yticks(range(n_groups), [groups[i] for i in order], fontsize=label_size)
@@ -197,7 +197,7 @@ def plot_routing_heatmap(
     if n_experts <= MAX_ANNOTATED and not many:
         _annotate(ax, shown, vmax)
     # a colour bar of at most ~6 inches, however many rows
-    fig.colorbar(image, ax=ax, label="mean router coefficient", location="right", pad=0.02,
+    fig.colorbar(image, ax=ax, label="mean share of the routing", location="right", pad=0.02,
                  shrink=min(0.9, 6.0 / fig.get_figheight()))
 
     if n_groups > 1:

@@ -236,7 +236,4 @@ class SIMoEConfig(JSONConfig):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> SIMoEConfig:
-        path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-        return cls.load(path)
+        return cls.load_from(directory, CONFIG_NAME)

@@ -35,6 +35,12 @@ class JSONConfig:
     def load(cls, path: str | os.PathLike):
         """The options saved at ``path``; a missing file, bad JSON, an unknown field or an invalid
         value is an error naming ``path``."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {cls.__name__} at {path}")
         return cls.from_dict(load_json_object(path), source=os.fspath(path))
+
+    @classmethod
+    def load_from(cls, directory: str | os.PathLike, name: str):
+        """The options saved as ``name`` in a saved model ``directory``."""
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {name} in {directory}")
+        return cls.load(path)

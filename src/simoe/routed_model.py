@@ -131,13 +131,6 @@ class PromptRoutedModel(nn.Module, abc.ABC):
         load_state_into(self.routed_state_dict(), os.path.join(directory, self.weights_name))
 
     @classmethod
-    def load_options(cls, directory: str | os.PathLike) -> JSONConfig:
-        path = os.path.join(directory, cls.config_name)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {cls.config_name} in {directory}")
-        return cls.config_class.load(path)
-
-    @classmethod
     def from_pretrained(
         cls,
         base_model: PreTrainedModel | str | os.PathLike,
@@ -150,19 +143,22 @@ class PromptRoutedModel(nn.Module, abc.ABC):
         loads the base recorded in the options (``base_model_name_or_path``), as PEFT's Auto
         classes do.
         """
-        if directory is None:
+        load_recorded_base = directory is None
+        if load_recorded_base:
             if isinstance(base_model, PreTrainedModel):
                 raise ValueError(f"pass the saved directory: {cls.__name__}.from_pretrained(base_model, "
                                  "directory)")
             directory = base_model
-            recorded = cls.load_options(directory).base_model_name_or_path
+        options = cls.config_class.load_from(directory, cls.config_name)  # read once
+        if load_recorded_base:
+            recorded = options.base_model_name_or_path
             if not recorded:
                 raise ValueError(f"{os.path.join(directory, cls.config_name)}: no base_model_name_or_path "
                                  "recorded; pass the base model: from_pretrained(base_model, directory)")
             from simoe.hub import load_model_and_tokenizer
 
             base_model, _ = load_model_and_tokenizer(recorded, dtype=dtype)
-        model = cls(base_model, cls.load_options(directory))
+        model = cls(base_model, options)
         model.load_routed_weights(directory)
         return model
 

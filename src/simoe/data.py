@@ -566,19 +566,30 @@ def build_dataset(
     return datasets.Dataset.from_dict(columns), stats
 
 
+def eos_ids(model: nn.Module | None, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's eos and the model's generation_config eos ids (chat models often differ)."""
+    ids = [tokenizer.eos_token_id]
+    if model is not None:
+        config = getattr(model, "generation_config", None)
+        if config is None:  # a SIMoE / SMEAR model: the generation config is its base model's
+            config = model.base_model.generation_config
+        ids.append(config.eos_token_id)
+    flat = []
+    for entry in ids:
+        flat.extend(entry if isinstance(entry, (list, tuple)) else [entry])
+    return list(dict.fromkeys(int(i) for i in flat if i is not None))
+
+
 def pad_id_of(tokenizer: PreTrainedTokenizerBase, model: nn.Module | None = None) -> int:
     """The id sequences are padded with (padding is masked out, so any of these serves): the
-    tokenizer's pad token, else its eos, else the eos of ``model``'s generation config."""
-    candidates = [tokenizer.pad_token_id, tokenizer.eos_token_id]
-    if model is not None:  # a SIMoE / SMEAR model: the generation config is its base model's
-        config = getattr(model, "generation_config", None) or model.base_model.generation_config
-        eos = config.eos_token_id
-        candidates += list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    for candidate in candidates:
-        if candidate is not None:
-            return int(candidate)
-    raise ValueError("the tokenizer has neither a pad nor an eos token to pad with"
-                     + (", nor has the model's generation config an eos" if model is not None else ""))
+    tokenizer's pad token, else the first of :func:`eos_ids`."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    eos = eos_ids(model, tokenizer)
+    if not eos:
+        raise ValueError("the tokenizer has neither a pad nor an eos token to pad with"
+                         + (", nor has the model's generation config an eos" if model is not None else ""))
+    return eos[0]
 
 
 @dataclass

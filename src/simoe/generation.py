@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from simoe.data import pad_id_of, render_prompt
+from simoe.data import eos_ids, pad_id_of, render_prompt
 from simoe.model import SIMoEModel
 
 
@@ -44,18 +44,6 @@ def pad_left(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
         ids[i, width - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
         mask[i, width - len(seq):] = 1
     return ids, mask
-
-
-def eos_ids(model: nn.Module, tokenizer) -> list[int]:
-    """The tokenizer's eos and the model's generation_config eos ids (chat models often differ)."""
-    config = getattr(model, "generation_config", None)
-    if config is None:  # a SIMoEModel: the generation config is its base model's
-        config = model.base_model.generation_config
-    ids = [tokenizer.eos_token_id, config.eos_token_id]
-    flat = []
-    for entry in ids:
-        flat.extend(entry if isinstance(entry, (list, tuple)) else [entry])
-    return list(dict.fromkeys(int(i) for i in flat if i is not None))
 
 
 def generate(

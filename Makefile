@@ -30,7 +30,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 demo: install
-	$(PY) examples/demo.py
+	$(PY) -m simoe.recipes.demo
 
 bench: install
 	$(PY) benchmarks/bench_forward_backward.py

@@ -16,7 +16,8 @@ from conftest import VOCAB, tiny_model, train_without_dropout
 from transformers import TrainerCallback
 
 from simoe import SIMoEConfig, upcycle
-from simoe.train import SIMoETrainer, SIMoETrainingArguments
+from simoe.training.arguments import SIMoETrainingArguments
+from simoe.training.trainer import SIMoETrainer
 
 
 def dataset(n: int = 48, seed: int = 0) -> list[dict]:

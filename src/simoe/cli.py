@@ -7,7 +7,8 @@ import json
 import sys
 from collections import Counter
 
-from simoe.pipeline import add_config_arguments, config_from_args, parse_train_args, run_train
+from simoe.recipes.train import run_train
+from simoe.training.arguments import add_config_arguments, config_from_args, parse_train_args
 
 
 def inspect(args: argparse.Namespace) -> None:
@@ -43,8 +44,9 @@ def generate(args: argparse.Namespace) -> None:
     from transformers import set_seed
 
     from simoe.data import render_prompt
-    from simoe.generation import generate_from_ids
-    from simoe.inference import load_prompts, resolve_routing
+    from simoe.inference.generation import generate_from_ids
+    from simoe.inference.loading import load_prompts
+    from simoe.inference.routing import resolve_routing
     from simoe.io import save_text
 
     prompts = [([{"role": "user", "content": text}], f"--prompt {i + 1}")
@@ -76,8 +78,8 @@ def generate(args: argparse.Namespace) -> None:
 
 def export(args: argparse.Namespace) -> None:
     """Export a SIMoE checkpoint: compact (SIMoE inference) or merged under a fixed routing (plain HF)."""
-    from simoe.export import save_compact, save_merged
-    from simoe.inference import resolve_routing
+    from simoe.inference.export import save_compact, save_merged
+    from simoe.inference.routing import resolve_routing
     from simoe.model import SIMoEModel
 
     if args.mode == "merged" and not args.routing:
@@ -100,7 +102,7 @@ def export(args: argparse.Namespace) -> None:
 
 def eval_sni(args: argparse.Namespace) -> None:
     """Super-NaturalInstructions: ROUGE-L and exact match, per task and category (official protocol)."""
-    from simoe.evaluation import evaluate_sni
+    from simoe.evaluation.sni import evaluate_sni
 
     model, tokenizer = _load(args, "model")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
@@ -112,7 +114,7 @@ def eval_sni(args: argparse.Namespace) -> None:
 
 def eval_perplexity(args: argparse.Namespace) -> None:
     """Perplexity of the response tokens of any training data, token-weighted."""
-    from simoe.evaluation import evaluate_perplexity
+    from simoe.evaluation.perplexity import evaluate_perplexity
 
     model, tokenizer = _load(args, "model")
     summary = evaluate_perplexity(
@@ -125,11 +127,11 @@ def eval_perplexity(args: argparse.Namespace) -> None:
 
 
 def eval_lm_eval(args: argparse.Namespace) -> None:
-    """EleutherAI lm-evaluation-harness tasks on a SIMoE checkpoint (needs simoe.lm_eval_model, lm-eval)."""
+    """EleutherAI lm-evaluation-harness tasks on a SIMoE checkpoint (needs lm-eval)."""
     try:
-        from simoe.lm_eval_model import evaluate
+        from simoe.evaluation.lm_eval import evaluate
     except ModuleNotFoundError as e:
-        raise ImportError(f"cannot import {e.name!r}: simoe eval lm-eval needs the simoe.lm_eval_model "
+        raise ImportError(f"cannot import {e.name!r}: simoe eval lm-eval needs the simoe.evaluation.lm_eval "
                           "module and the lm-eval package (pip install lm-eval)") from e
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -142,7 +144,7 @@ def eval_lm_eval(args: argparse.Namespace) -> None:
 def analyze(args: argparse.Namespace) -> None:
     """The paper's analyses of a SIMoE checkpoint: routing per task (with a dendrogram), expert overlap,
     non-zero share by layer depth and module type (PNG + JSON)."""
-    from simoe.analysis import analyze as run_analyses
+    from simoe.analysis.report import analyze as run_analyses
     from simoe.data import load_records
     from simoe.model import SIMoEModel
 
@@ -155,6 +157,18 @@ def analyze(args: argparse.Namespace) -> None:
     print(json.dumps({"summary": result["summary"], "files": result["files"]}, indent=2, default=str))
 
 
+def compare(args: argparse.Namespace) -> None:
+    """The side-by-side study: base, full, LoRA, sparse upcycling, SMEAR and SIMoE trained alike, scored
+    with `simoe eval sni`; one record per run (resumable across sessions), a chart and a Markdown table
+    with 95 % bootstrap intervals."""
+    from simoe.recipes.compare import run_compare
+
+    rows = run_compare(args.config, args.runs, table_only=args.table_only)
+    for r in rows:
+        lo, hi = r["rougeL_ci95"]
+        print(f"{r['run']:24s} ROUGE-L {r['rougeL']:6.2f} [{lo:.2f}, {hi:.2f}]")
+
+
 MODEL_HELP = "SIMoE checkpoint or compact export directory, HF model directory, hub id or built-in name"
 
 
@@ -162,7 +176,7 @@ def _load(args: argparse.Namespace, name: str):
     """(model, tokenizer) from ``args.<name>`` on ``--device`` (default: cuda when available)."""
     import torch
 
-    from simoe.inference import load_for_inference
+    from simoe.inference.loading import load_for_inference
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return load_for_inference(getattr(args, name), args.dtype, device)
@@ -174,8 +188,7 @@ def _add_loading(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
 
-def _add_generate(commands) -> None:
-    p = commands.add_parser("generate", help=generate.__doc__, description=generate.__doc__)
+def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help=MODEL_HELP)
     p.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
     p.add_argument("--prompts_file", help="JSON Lines: records of a training format, or {\"prompt\": ...}; "
@@ -192,11 +205,9 @@ def _add_generate(commands) -> None:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--output", help="also write the JSON lines to this file")
     _add_loading(p)
-    p.set_defaults(job=generate, name="generate")
 
 
-def _add_export(commands) -> None:
-    p = commands.add_parser("export", help=export.__doc__, description=export.__doc__)
+def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="SIMoE checkpoint (or compact export) directory")
     p.add_argument("--mode", required=True, choices=["merged", "compact"])
     p.add_argument("--routing", help="merged: expert:K (0-based), weights:w1,...,wM (normalised to sum 1) "
@@ -205,13 +216,9 @@ def _add_export(commands) -> None:
     p.add_argument("--batch_size", type=int, default=16, help="prompts routed at once for dataset:FILE")
     p.add_argument("--output_dir", required=True)
     _add_loading(p)
-    p.set_defaults(job=export, name="export")
 
 
-def _add_eval(commands) -> None:
-    p = commands.add_parser("eval", help="evaluate a model: sni, perplexity, lm-eval")
-    kinds = p.add_subparsers(dest="eval_command", required=True)
-    s = kinds.add_parser("sni", help=eval_sni.__doc__, description=eval_sni.__doc__)
+def _eval_sni_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model", required=True, help=MODEL_HELP)
     s.add_argument("--data", required=True,
                    help="SNI directory (tasks/*.json, splits/{train,test}_tasks.txt)")
@@ -222,9 +229,9 @@ def _add_eval(commands) -> None:
     s.add_argument("--batch_size", type=int, default=8)
     s.add_argument("--output_dir", required=True)
     _add_loading(s)
-    s.set_defaults(job=eval_sni, name="eval sni")
 
-    s = kinds.add_parser("perplexity", help=eval_perplexity.__doc__, description=eval_perplexity.__doc__)
+
+def _eval_perplexity_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model", required=True, help=MODEL_HELP)
     s.add_argument("--data", required=True, help="any training data source (file, SNI directory, HF dataset)")
     s.add_argument("--data_format", help="alpaca, chat, prompt_completion or sni (detected when omitted)")
@@ -236,9 +243,9 @@ def _add_eval(commands) -> None:
     s.add_argument("--batch_size", type=int, default=4)
     s.add_argument("--output_dir", required=True)
     _add_loading(s)
-    s.set_defaults(job=eval_perplexity, name="eval perplexity")
 
-    s = kinds.add_parser("lm-eval", help=eval_lm_eval.__doc__, description=eval_lm_eval.__doc__)
+
+def _eval_lm_eval_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     s.add_argument("--output_dir", required=True)
@@ -246,23 +253,9 @@ def _add_eval(commands) -> None:
     s.add_argument("--include_path", help="directory of extra lm-eval task YAMLs")
     s.add_argument("--num_fewshot", type=int)
     s.add_argument("--batch_size", type=int, default=8)
-    s.set_defaults(job=eval_lm_eval, name="eval lm-eval")
 
 
-def compare(args: argparse.Namespace) -> None:
-    """The side-by-side study: base, full, LoRA, sparse upcycling, SMEAR and SIMoE trained alike, scored
-    with `simoe eval sni`; one record per run (resumable across sessions), a chart and a Markdown table
-    with 95 % bootstrap intervals."""
-    from simoe.compare import run_compare
-
-    rows = run_compare(args.config, args.runs, table_only=args.table_only)
-    for r in rows:
-        lo, hi = r["rougeL_ci95"]
-        print(f"{r['run']:24s} ROUGE-L {r['rougeL']:6.2f} [{lo:.2f}, {hi:.2f}]")
-
-
-def _add_analyze(commands) -> None:
-    p = commands.add_parser("analyze", help=analyze.__doc__, description=analyze.__doc__)
+def _analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="SIMoE checkpoint or compact export directory")
     p.add_argument("--data", required=True, help="records with a task group (e.g. an SNI directory)")
     p.add_argument("--data_format", default=None, help="alpaca, chat, prompt_completion or sni (detected)")
@@ -272,33 +265,66 @@ def _add_analyze(commands) -> None:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--output_dir", required=True)
     _add_loading(p)
-    p.set_defaults(job=analyze, name="analyze")
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:  # its own HfArgumentParser (TrainingArguments has ~100 options)
-        return _run("train", lambda: train(argv[1:]))
-    parser = argparse.ArgumentParser(prog="simoe", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("train", help=train.__doc__, add_help=False)
-    p = commands.add_parser("inspect", help=inspect.__doc__, description=inspect.__doc__)
+def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_name_or_path", help="Hugging Face hub id or local directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     add_config_arguments(p)
-    p.set_defaults(job=inspect, name="inspect")
-    _add_generate(commands)
-    _add_export(commands)
-    _add_eval(commands)
-    _add_analyze(commands)
-    p = commands.add_parser("compare", help=compare.__doc__, description=compare.__doc__)
+
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML study config, e.g. configs/compare_smollm2_sni.yaml")
     p.add_argument("--runs", nargs="+", help="do only these runs now (e.g. base simoe-seed0); default: every "
                    "run without a record")
     p.add_argument("--table_only", action="store_true", help="run nothing: rebuild the table and chart "
                    "from the records there are")
-    p.set_defaults(job=compare, name="compare")
-    args = parser.parse_args(argv)
+
+
+# Sub-command -> (the function that runs it, the function that declares its flags). `train` parses its
+# own flags (HfArgumentParser: TrainingArguments has ~100 options); "eval X" is `simoe eval X`.
+COMMANDS = {
+    "train": (train, None),
+    "inspect": (inspect, _inspect_args),
+    "generate": (generate, _generate_args),
+    "export": (export, _export_args),
+    "eval sni": (eval_sni, _eval_sni_args),
+    "eval perplexity": (eval_perplexity, _eval_perplexity_args),
+    "eval lm-eval": (eval_lm_eval, _eval_lm_eval_args),
+    "analyze": (analyze, _analyze_args),
+    "compare": (compare, _compare_args),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``simoe`` parser, built from :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="simoe", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, (job, declare) in COMMANDS.items():
+        doc = job.__doc__.replace("%", "%%")  # argparse formats help with %
+        if declare is None:
+            commands.add_parser(name, help=doc, add_help=False)
+            continue
+        if " " in name:
+            group, leaf = name.split(" ", 1)
+            if group not in groups:
+                members = ", ".join(n.split(" ", 1)[1] for n in COMMANDS if n.startswith(group + " "))
+                groups[group] = commands.add_parser(group, help=f"{group}: {members}").add_subparsers(
+                    dest=f"{group}_command", required=True)
+            p = groups[group].add_parser(leaf, help=doc, description=doc)
+        else:
+            p = commands.add_parser(name, help=doc, description=doc)
+        declare(p)
+        p.set_defaults(job=job, name=name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        return _run("train", lambda: train(argv[1:]))
+    args = build_parser().parse_args(argv)
     _run(args.name, lambda: args.job(args))
 
 

@@ -147,10 +147,7 @@ class SIMoEModel(PromptRoutedModel):
         Gates are drawn here, once per forward: the training gates in train mode (sampled for the
         stochastic regime), the evaluation gates in eval mode.
         """
-        m = self.simoe_config.num_experts
-        if routing.dim() != 2 or routing.shape[1] != m:
-            raise ValueError(f"routing must have shape [batch, {m}], got {tuple(routing.shape)}")
-        routing = routing.float()
+        routing = self.checked_routing(routing, self.simoe_config.num_experts)
         for _, layer in self.routed_layers():
             layer.set_routing(routing, layer.gates(self.gate_generator))
 

@@ -3,11 +3,11 @@
     L = NLL + Σ_m [λ1_m (d_m - t) + λ2_m (d_m - t)²] + μ · L_orth
 
 Densities are parameter-weighted: a gate on a column of an (out x in) weight counts `out`
-parameters, a gate on a norm element counts one.
-"""
+parameters, a gate on a norm element counts one."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -163,3 +163,24 @@ class SIMoERegularizer(nn.Module):
         orth = orthogonality(layers)
         parts = {"target_density": target, "lagrangian": sparsity.detach(), "orthogonality": orth.detach()}
         return sparsity + self.config.orthogonality_weight * orth, parts
+
+
+def routing_entropy(routing: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each routing distribution (the last dimension)."""
+    return -(routing * routing.clamp_min(1e-12).log()).sum(-1)
+
+
+def routing_information(routing: torch.Tensor) -> torch.Tensor:
+    """I(prompt; expert) over a batch, H(mean r) - mean H(r), in nats: 0 when every prompt has the
+    same routing (or a uniform one), ln M when each prompt picks one expert and all are used
+    equally. SIMoETrainer adds -router_information_weight times it to the loss."""
+    return routing_entropy(routing.mean(dim=0)) - routing_entropy(routing).mean()
+
+
+def routing_balance(routing: torch.Tensor) -> torch.Tensor:
+    """KL(uniform || mean r) over a batch, in nats: 0 when every expert carries 1/M of the routing
+    mass, growing without bound as one is starved. Its gradient on a starved expert's logit stays
+    about 1/(M τ) however small its share (H(mean r)'s vanishes with the softmax's); SIMoETrainer
+    adds router_balance_weight times it to the loss."""
+    load = routing.mean(dim=0).clamp_min(1e-12)
+    return -math.log(routing.shape[-1]) - load.log().mean()

@@ -50,7 +50,14 @@ class PromptRoutedModel(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def set_routing(self, routing: torch.Tensor) -> None:
-        """Hand the routing [batch, M] to every routed layer."""
+        """Hand the routing [batch, M] to every routed layer (checked by :meth:`checked_routing`)."""
+
+    @staticmethod
+    def checked_routing(routing: torch.Tensor, num_experts: int) -> torch.Tensor:
+        """``routing`` in fp32, after checking that it is [batch, num_experts]."""
+        if routing.dim() != 2 or routing.shape[1] != num_experts:
+            raise ValueError(f"routing must have shape [batch, {num_experts}], got {tuple(routing.shape)}")
+        return routing.float()
 
     @abc.abstractmethod
     def routed_state_dict(self) -> dict[str, torch.Tensor]:

@@ -73,7 +73,7 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     if isinstance(model, SIMoEModel):
-        from simoe.export import parameter_report
+        from simoe.parameters import parameter_report
 
         return {"trainable": trainable, "total": total,
                 "active_per_token": parameter_report(model)["total_inference_params"]}

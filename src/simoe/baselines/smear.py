@@ -140,9 +140,7 @@ class SMEARModel(PromptRoutedModel):
 
     def set_routing(self, routing: torch.Tensor) -> None:
         """Give every layer the routing [batch, E] its experts are merged with."""
-        e = self.options.num_ffn_experts
-        if routing.dim() != 2 or routing.shape[1] != e:
-            raise ValueError(f"routing must have shape [batch, {e}], got {tuple(routing.shape)}")
+        routing = self.checked_routing(routing, self.options.num_ffn_experts)
         for _, layer in self.routed_layers():
             layer.set_routing(routing)
 

@@ -161,6 +161,16 @@ class SIMoELayer(nn.Module):
         self.merged_gates = routing @ gates
         return gates
 
+    @torch.no_grad()
+    def folded_weight(self, merged_gates: torch.Tensor) -> torch.Tensor:
+        """The base weight with one routing's merged experts folded in, a new tensor in the weight's
+        dtype: W0 + Δ·diag(m) (Conv1D, weight in x out: diag(m)·Δ; a norm: g0 + m ⊙ Δ), m [in]."""
+        weight = self.base.weight
+        m = merged_gates.to(torch.float32)
+        if self.delta.dim() == 2:
+            m = m[:, None] if isinstance(self.base, Conv1D) else m[None, :]
+        return (weight.float() + self.delta * m).to(weight.dtype)
+
     def _merged_gates_for(self, x: torch.Tensor) -> torch.Tensor:
         """The merged gates m = r @ z shaped to broadcast over x ([batch, ..., in_features])."""
         m = self.merged_gates
@@ -183,11 +193,22 @@ class SIMoELinear(SIMoELayer):
             raise TypeError(f"SIMoELinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
         super().__init__(base, num_experts, init_logit, init_std, regime)
         self.active: torch.Tensor | None = None  # input columns with a non-zero gate; None: all
+        self.active_delta: torch.Tensor | None = None  # eval mode: Δ on them, gathered once
+
+    @property
+    def _conv1d(self) -> bool:
+        return isinstance(self.base, Conv1D)
 
     def set_routing(self, routing: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
         gates = super().set_routing(routing, gates)
         on = (gates != 0).any(dim=0)
         self.active = None if bool(on.all()) else on.nonzero().squeeze(1)
+        self.active_delta = None
+        if not self.training and self.active is not None:
+            # decoding reads Δ once per token: gather its active columns once per routing instead
+            with torch.no_grad():
+                self.active_delta = self.delta.index_select(0 if self._conv1d else 1, self.active).to(
+                    self.base.weight.dtype)
         return gates
 
     @property
@@ -199,8 +220,12 @@ class SIMoELinear(SIMoELayer):
         y = self.base(x)
         if self.merged_gates is None:
             return y
-        conv1d = isinstance(self.base, Conv1D)
-        return y + _MaskedDelta.apply(x, self._merged_gates_for(x), self.delta, self.active, conv1d)
+        merged_gates = self._merged_gates_for(x)
+        if self.active_delta is not None and not torch.is_grad_enabled():
+            masked = x.index_select(-1, self.active) * merged_gates.index_select(-1, self.active)
+            delta = self.active_delta.to(x.dtype)
+            return y + (masked @ delta if self._conv1d else F.linear(masked, delta))
+        return y + _MaskedDelta.apply(x, merged_gates, self.delta, self.active, self._conv1d)
 
 
 class SIMoENorm(SIMoELayer):

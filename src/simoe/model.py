@@ -31,6 +31,7 @@ class SIMoEModel(PromptRoutedModel):
 
     layer_class = SIMoELayer
     config_class, config_name, weights_name = SIMoEConfig, CONFIG_NAME, WEIGHTS_NAME
+    _folded = False  # inside folded(): the routing lives in the layers' weights
 
     def __init__(self, base_model: PreTrainedModel, config: SIMoEConfig):
         super().__init__()
@@ -147,6 +148,8 @@ class SIMoEModel(PromptRoutedModel):
         Gates are drawn here, once per forward: the training gates in train mode (sampled for the
         stochastic regime), the evaluation gates in eval mode.
         """
+        if self._folded:
+            raise RuntimeError("inside folded() the routing is folded into the weights: run base_model")
         routing = self.checked_routing(routing, self.simoe_config.num_experts)
         for _, layer in self.routed_layers():
             layer.set_routing(routing, layer.gates(self.gate_generator))
@@ -163,6 +166,45 @@ class SIMoEModel(PromptRoutedModel):
         finally:
             for layer, merged_gates in zip(layers, saved, strict=True):
                 layer.merged_gates = merged_gates
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 routing: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """``transformers`` generation; the routing is computed from each prompt once. In eval mode a
+        batch whose prompts share one routing (a single prompt, or one fixed routing) decodes with
+        the experts folded into the weights (:meth:`folded`), at the base model's cost per token."""
+        if routing is None:
+            routing = self.route(input_ids, attention_mask)
+        routing = self.checked_routing(routing, self.simoe_config.num_experts)
+        if not self.training and bool((routing == routing[:1]).all()):
+            with self.folded(routing[0]):
+                return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return super().generate(input_ids, attention_mask, routing=routing, **kwargs)
+
+    @contextlib.contextmanager
+    def folded(self, routing: torch.Tensor) -> Iterator[None]:
+        """Inside this context the model runs at the base model's cost for one routing [M]: every
+        SIMoE layer's base weight is swapped for W0 + Δ·diag(m), m = routing @ (evaluation gates),
+        and the layer computes just its base. On exit, also after an exception, the original weight
+        tensors are back (the same objects, never written to). Eval mode only; it holds one extra
+        copy of the targeted weights while it lasts.
+        """
+        if self.training:
+            raise RuntimeError("folded() is for evaluation: call model.eval() first")
+        routing = self.checked_routing(routing.reshape(1, -1), self.simoe_config.num_experts)[0]
+        swapped = []
+        self._folded = True
+        try:
+            for _, layer in self.routed_layers():
+                folded = layer.folded_weight(routing @ layer.eval_gates())
+                swapped.append((layer, layer.base.weight, layer.merged_gates))
+                layer.base.weight = nn.Parameter(folded, requires_grad=False)
+                layer.merged_gates = None
+            yield
+        finally:
+            for layer, weight, merged_gates in reversed(swapped):
+                layer.base.weight = weight
+                layer.merged_gates = merged_gates
+            self._folded = False
 
     # ---------------------------------------------------------------- reports
     @torch.no_grad()

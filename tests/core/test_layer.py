@@ -1,5 +1,6 @@
 """The efficient forward W0 x + Δ(m ⊙ x) equals materialising W0 + Δ·diag(m_b) per example."""
 
+import pytest
 import torch
 from conftest import VOCAB, randomize_experts, tiny_model
 from torch import nn
@@ -137,3 +138,24 @@ def test_layer_skips_columns_gated_off_in_every_expert():
         layer.log_alpha.fill_(0.0)
     layer.set_routing(_routing())
     assert layer.active is None  # all columns active: the dense path
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_eval_mode_gathers_the_active_delta_once_and_computes_the_same(conv1d):
+    """Decoding without autograd uses Δ's active columns gathered at set_routing; with autograd the
+    layer takes its training path. Both give the same output."""
+    torch.manual_seed(0)
+    base = Conv1D(8, 16) if conv1d else nn.Linear(16, 8)
+    layer = SIMoELinear(base, 3, 0.0, 0.1).eval()
+    with torch.no_grad():
+        layer.delta.normal_()
+        layer.log_alpha[:, ::2] = -10.0  # half the columns off in every expert
+    layer.set_routing(torch.softmax(torch.randn(4, 3), dim=-1))
+    assert layer.active_delta.shape == (8, 8) and len(layer.active) == 8  # out 8 x 8 active columns
+    x = torch.randn(4, 5, 16)
+    training_path = layer(x)
+    with torch.no_grad():
+        cached = layer(x)
+    torch.testing.assert_close(cached, training_path)
+    layer.train().set_routing(torch.softmax(torch.randn(4, 3), dim=-1))
+    assert layer.active_delta is None  # training always reads the live Δ

@@ -70,3 +70,62 @@ def test_manual_cached_decoding_needs_the_prompt_routing():
     assert torch.allclose(cached, full, atol=1e-5)
     generated = model.generate(input_ids=ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
     assert torch.equal(generated[:, -1:], step)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_folded_weights_compute_the_routed_model(arch):
+    """W0 + Δ·diag(m) folded into the weights (Linear, GPT-2's Conv1D, Gemma's 1 + g norms) gives
+    the logits of the routed forward, and every base weight is the very same tensor afterwards."""
+    model = upcycle(tiny_model(arch), SIMoEConfig(num_experts=4))
+    randomize_experts(model)
+    model.eval()
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    routing = torch.tensor([0.1, 0.6, 0.0, 0.3])
+    before = {name: (layer.base.weight, layer.base.weight.clone()) for name, layer in model.routed_layers()}
+    with torch.no_grad():
+        routed = model(input_ids=ids, routing=routing.expand(2, 4)).logits
+        with model.folded(routing):
+            folded = model.base_model(input_ids=ids).logits
+            with pytest.raises(RuntimeError, match="folded"):
+                model(input_ids=ids, routing=routing.expand(2, 4))
+        base = model.base_model(input_ids=ids).logits  # the layers' routing is back in place
+        with model.bypass():
+            plain = model.base_model(input_ids=ids).logits  # the frozen base alone
+    torch.testing.assert_close(folded, routed, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(folded, plain, atol=1e-3)  # the experts do change the logits
+    for name, layer in model.routed_layers():
+        weight, copy = before[name]
+        assert layer.base.weight is weight and torch.equal(weight, copy)
+    torch.testing.assert_close(base, routed)
+
+
+def test_generate_folds_a_shared_routing_and_restores_the_weights_when_it_raises(monkeypatch):
+    model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=4))
+    randomize_experts(model)
+    model.eval()
+    ids = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    shared = torch.tensor([[0.5, 0.5, 0.0, 0.0]]).expand(3, 4)
+    folds = []
+    original = model.folded
+    monkeypatch.setattr(model, "folded", lambda r: folds.append(r) or original(r))
+    out = model.generate(input_ids=ids, routing=shared, **kwargs)
+    mixed = shared.clone()
+    mixed[1] = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    assert len(folds) == 1 and torch.equal(folds[0], shared[0])
+    unfolded = model.generate(input_ids=ids, routing=mixed, **kwargs)  # per-example routings: no fold
+    assert len(folds) == 1
+    assert torch.equal(out[[0, 2]], unfolded[[0, 2]])  # the rows that kept the shared routing
+
+    weights = {name: (layer.base.weight, layer.base.weight.clone()) for name, layer in model.routed_layers()}
+
+    def failing_generate(**_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model.base_model, "generate", failing_generate)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(input_ids=ids[:1], **kwargs)
+    for name, layer in model.routed_layers():
+        weight, copy = weights[name]
+        assert layer.base.weight is weight and torch.equal(weight, copy)
+    assert not model._folded

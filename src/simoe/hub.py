@@ -113,11 +113,18 @@ def resolve_name(name_or_path: str | os.PathLike) -> str:
     """The path or hub id to load ``name_or_path`` from, converting a built-in model on first use.
 
     A local path or a hub id ("owner/name") is returned as given. A bare name that resembles a
-    built-in one but is not one raises ValueError instead of a confusing hub lookup.
+    built-in one but is not one raises ValueError, and a missing path (absolute, relative with ./ or
+    ../, more than one /, or inside an existing directory) FileNotFoundError, instead of a confusing
+    hub lookup.
     """
     name = os.fspath(name_or_path)
     if name in BUILTIN_MODELS:
         return str(_converted(name))
+    parent = os.path.dirname(name.rstrip("/"))
+    if not os.path.exists(name) and (
+            name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.path.isdir(parent)):
+        raise FileNotFoundError(f"{name}: no such directory (nor a built-in model: "
+                                f"{', '.join(sorted(BUILTIN_MODELS))})")
     if not os.path.exists(name) and "/" not in name:
         families = {n.split("-")[0] for n in BUILTIN_MODELS}
         close = difflib.get_close_matches(name.lower(), BUILTIN_MODELS, n=1, cutoff=0.5)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
@@ -61,12 +62,21 @@ def save_state(state: dict[str, torch.Tensor], path: str | os.PathLike,
 
 
 # ---------------------------------------------------------------------------- checked reads
+def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``path``; a missing, truncated or damaged file is an error
+    naming it (not safetensors' own)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or damaged?): {e}") from None
+
+
 @torch.no_grad()
 def load_state_into(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Copy the tensors saved at ``path`` into ``state``'s tensors (in place), refusing any mismatch."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist")
-    loaded = load_file(path)
+    loaded = read_state(path)
     missing, unexpected = sorted(state.keys() - loaded.keys()), sorted(loaded.keys() - state.keys())
     if missing or unexpected:
         raise ValueError(f"{path} does not fit this model: missing {missing[:5]} ({len(missing)}), "

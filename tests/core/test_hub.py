@@ -7,6 +7,7 @@ same way but takes over a minute on CPU, so only its chat template is tested her
 
 import dataclasses
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,16 @@ def test_hub_ids_and_paths_pass_through(tmp_path):
     assert hub.resolve_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert hub.resolve_name("gpt2") == "gpt2"
     assert hub.resolve_name(tmp_path) == str(tmp_path)
+
+
+def test_a_missing_directory_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    names = [str(tmp_path / "ckpt"), "out/checkpoint-50", "./ckpt", "../ckpt", "runs/a/b", "~/nothing-here"]
+    for name in names:
+        with pytest.raises(FileNotFoundError, match=f"{re.escape(name)}: no such directory"):
+            hub.resolve_name(name)
+    assert hub.resolve_name("owner/model") == "owner/model"  # no local "owner" folder: a hub id
 
 
 def test_local_directory_and_dtypes(smol_dir, tmp_path):

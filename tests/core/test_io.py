@@ -83,3 +83,18 @@ def test_read_jsonl_names_the_bad_line(tmp_path, line, message):
     path.write_text(json.dumps({"id": 0}) + "\n\n" + line + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=f"^{re.escape(str(path))}:line 3: {message}"):
         io.read_jsonl(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_safetensors_file_is_an_error_naming_it(tmp_path, damage):
+    path = tmp_path / "w.safetensors"
+    io.save_state({"a": torch.ones(64, 64), "b": torch.zeros(3)}, path)
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not safetensors at all",
+                      "empty": b""}[damage])
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not a readable safetensors file")):
+        io.read_state(path)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not a readable safetensors file")):
+        io.load_state_into({"a": torch.empty(64, 64), "b": torch.empty(3)}, path)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors does not exist"):
+        io.read_state(tmp_path / "missing.safetensors")

@@ -207,3 +207,24 @@ def test_sampling_options_reach_generate(dirs, capsys):
     assert len(set(sampled)) > 1  # and sampling does sample
     beams = _cli_lines(capsys, [*argv, "--num_beams", "3"])[0]["response"]
     assert beams == _greedy(_reference(dirs), char_tokenizer(), PROMPTS[1], num_beams=3)
+
+
+def test_a_damaged_or_missing_checkpoint_is_a_one_line_error(dirs, tmp_path, capsys):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(dirs["ckpt"], damaged)
+    weights = damaged / "simoe_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    cases = [(["generate", "--checkpoint", str(damaged), "--prompt", "Hi"],
+              f"simoe generate: error: {weights}: not a readable safetensors file"),
+             (["export", "--checkpoint", str(damaged), "--mode", "compact", "--output_dir", str(tmp_path)],
+              f"simoe export: error: {weights}: not a readable safetensors file"),
+             (["generate", "--checkpoint", str(tmp_path / "missing"), "--prompt", "Hi"],
+              f"simoe generate: error: {tmp_path / 'missing'}: no such directory")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err  # after the base-loading progress bar

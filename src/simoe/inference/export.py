@@ -17,13 +17,12 @@ from __future__ import annotations
 import os
 
 import torch
-from safetensors.torch import load_file
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from simoe import hard_concrete
 from simoe.config import SIMoEConfig
-from simoe.io import save_json, save_state
+from simoe.io import read_state, save_json, save_state
 from simoe.layer import SIMoELayer
 from simoe.model import SIMoEModel, upcycle
 from simoe.parameters import parameter_report
@@ -105,7 +104,7 @@ def load_compact(base_model: PreTrainedModel, directory: str | os.PathLike) -> S
     path = os.path.join(directory, COMPACT_WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {COMPACT_WEIGHTS_NAME} in {directory}")
-    loaded = load_file(path)
+    loaded = read_state(path)
     model = upcycle(base_model, config)
     layers = list(model.routed_layers())
     expected = {f"{n}.{part}" for n, _ in layers for part in ("columns", "delta", "gates")}

@@ -19,11 +19,10 @@ import math
 import os
 
 import torch
-from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from simoe.io import load_state_into, save_state
+from simoe.io import load_state_into, read_state, save_state
 from simoe.model import SIMoEModel
 from simoe.objectives import (
     SIMoERegularizer,
@@ -273,5 +272,5 @@ class SIMoETrainer(StagedCheckpoints, Trainer):
         super()._load_rng_state(checkpoint)
         path = os.path.join(checkpoint, GATE_RNG_NAME) if checkpoint else None
         if path and os.path.isfile(path):
-            self.accelerator.unwrap_model(self.model).gate_generator.set_state(load_file(path)["state"])
+            self.accelerator.unwrap_model(self.model).gate_generator.set_state(read_state(path)["state"])
 

@@ -128,11 +128,11 @@ def eval_perplexity(args: argparse.Namespace) -> None:
 
 def eval_lm_eval(args: argparse.Namespace) -> None:
     """EleutherAI lm-evaluation-harness tasks on a SIMoE checkpoint (needs lm-eval)."""
-    try:
-        from simoe.evaluation.lm_eval import evaluate
-    except ModuleNotFoundError as e:
-        raise ImportError(f"cannot import {e.name!r}: simoe eval lm-eval needs the simoe.evaluation.lm_eval "
-                          "module and the lm-eval package (pip install lm-eval)") from e
+    from simoe.extras import require
+
+    require("lm_eval", "simoe eval lm-eval")
+    from simoe.evaluation.lm_eval import evaluate
+
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ValueError("--tasks names no task")

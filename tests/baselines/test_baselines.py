@@ -3,6 +3,7 @@
 import copy
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -307,3 +308,17 @@ def test_a_routing_of_the_wrong_shape_is_refused_by_both_routed_models(method):
         message = f"routing must have shape [batch, 3], got {tuple(wrong.shape)}"
         with pytest.raises(ValueError, match=re.escape(message)):
             model.set_routing(wrong)
+
+
+def test_a_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    with pytest.raises(ImportError, match=re.escape("pip install 'simoe[baselines]'")):
+        build("lora", tiny_model("llama"))
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    from simoe.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "lm-eval", "--checkpoint", "x", "--tasks", "arc_easy", "--output_dir", "o"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "simoe eval lm-eval needs the lm_eval package: pip install 'simoe[eval]'" in err

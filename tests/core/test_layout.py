@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "simoe"
 
 # Lowest first. A package stands for all its modules.
 LAYERS = [
-    {"simoe.io", "simoe.config_base"},
+    {"simoe.io", "simoe.config_base", "simoe.extras"},
     {"simoe.data"},
     {"simoe.config", "simoe.hard_concrete", "simoe.layer", "simoe.router", "simoe.targets",
      "simoe.objectives", "simoe.routed_model", "simoe.model", "simoe.parameters", "simoe.hub"},

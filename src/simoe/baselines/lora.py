@@ -11,19 +11,17 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from simoe.baselines.config import BaselineConfig
+from simoe.extras import require
 
 
 def build_lora(base: PreTrainedModel, options: BaselineConfig) -> nn.Module:
     """Wrap ``base`` (in place) with LoRA adapters of rank ``options.lora_rank`` on all linear layers."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as e:  # peft is an optional dependency of simoe
-        raise ImportError("the lora baseline needs peft: pip install peft") from e
-    config = LoraConfig(
+    peft = require("peft", "the lora baseline (simoe train --method lora)")
+    config = peft.LoraConfig(
         r=options.lora_rank,
         lora_alpha=options.lora_alpha,
         lora_dropout=options.lora_dropout,
         target_modules="all-linear",  # PEFT's meaning: every Linear/Conv1D except the output layer
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base, config)  # freezes the base, leaves the adapters trainable
+    return peft.get_peft_model(base, config)  # freezes the base, leaves the adapters trainable

@@ -18,6 +18,7 @@ from simoe.baselines.smear import CONFIG_NAME as SMEAR_CONFIG_NAME
 from simoe.baselines.smear import SMEARModel
 from simoe.config import CONFIG_NAME, WEIGHTS_NAME, SIMoEConfig
 from simoe.data import check_messages, detect_format, normalize_record
+from simoe.extras import require
 from simoe.hub import load_model_and_tokenizer
 from simoe.inference.export import COMPACT_WEIGHTS_NAME, load_compact
 from simoe.io import iter_jsonl
@@ -50,11 +51,10 @@ def load_for_inference(
         loaded = SMEARModel.from_pretrained(path, dtype=dtype)
         tokenizer = _tokenizer(path, loaded.options.base_model_name_or_path)
     elif (path / "adapter_config.json").is_file():  # a LoRA baseline: PEFT adapter, merged for inference
-        from peft import PeftConfig, PeftModel
-
-        base_name = PeftConfig.from_pretrained(path).base_model_name_or_path
+        peft = require("peft", f"{path} (a LoRA adapter)")
+        base_name = peft.PeftConfig.from_pretrained(path).base_model_name_or_path
         base, _ = load_model_and_tokenizer(base_name, dtype=dtype)
-        loaded = PeftModel.from_pretrained(base, path).merge_and_unload()
+        loaded = peft.PeftModel.from_pretrained(base, path).merge_and_unload()
         tokenizer = _tokenizer(path, base_name)
     elif not (path / CONFIG_NAME).is_file():  # full / sparse-upcycling outputs, merged exports, any HF model
         loaded, tokenizer = load_model_and_tokenizer(os.fspath(model), dtype=dtype)

@@ -206,6 +206,12 @@ class SIMoEModel(PromptRoutedModel):
                 layer.merged_gates = merged_gates
             self._folded = False
 
+    def model_card(self) -> str:
+        """What the checkpoint holds and how to load and export it (``README.md``)."""
+        from simoe.model_card import simoe_model_card
+
+        return simoe_model_card(self.simoe_config.to_dict(), self.sparsity_report())
+
     # ---------------------------------------------------------------- reports
     @torch.no_grad()
     def sparsity_report(self) -> dict:

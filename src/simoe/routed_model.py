@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from simoe.config_base import JSONConfig
-from simoe.io import load_state_into, save_state
+from simoe.io import load_state_into, save_state, save_text
 
 
 class PromptRoutedModel(nn.Module, abc.ABC):
@@ -132,6 +132,13 @@ class PromptRoutedModel(nn.Module, abc.ABC):
         os.makedirs(directory, exist_ok=True)
         self.options.save(os.path.join(directory, self.config_name))
         save_state(self.routed_state_dict(), os.path.join(directory, self.weights_name))
+        card = self.model_card()
+        if card is not None:
+            save_text(card, os.path.join(directory, "README.md"))
+
+    def model_card(self) -> str | None:
+        """The README.md that ``save_pretrained`` writes beside the weights (None: none)."""
+        return None
 
     def load_routed_weights(self, directory: str | os.PathLike) -> None:
         """Load the tensors saved in ``directory`` into this model, refusing any mismatch."""

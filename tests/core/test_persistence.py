@@ -24,7 +24,7 @@ def test_save_then_reload_gives_identical_logits(tmp_path, arch):
     with torch.no_grad():
         before = model(input_ids=ids).logits
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
 
     saved = load_file(tmp_path / WEIGHTS_NAME)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -69,3 +69,28 @@ def test_config_records_base_model_path(tmp_path):
 
     model = upcycle(AutoModelForCausalLM.from_pretrained(tmp_path / "base"))
     assert model.simoe_config.base_model_name_or_path == str(tmp_path / "base")
+
+
+def test_a_checkpoint_carries_a_model_card_with_its_base_options_and_sparsity(tmp_path):
+    base = tiny_model("llama")
+    base.save_pretrained(tmp_path / "base")
+    from transformers import AutoModelForCausalLM
+
+    model = upcycle(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                    SIMoEConfig(num_experts=3, target_sparsity=0.5, gate_regime="noise-free",
+                                target_modules=r".*\.(q_proj|v_proj)"))
+    randomize_experts(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    card = (tmp_path / "ckpt" / "README.md").read_text()
+    report = model.sparsity_report()
+    assert card.startswith(f"---\nlibrary_name: simoe\nbase_model: {tmp_path / 'base'}\n")
+    union = report["union"]["deterministic_density"]
+    assert f"{union:.1%} of the {report['upcycled_params']:,} upcycled" in card
+    assert "| `target_sparsity` | `0.5` |" in card and "| `gate_regime` | `noise-free` |" in card
+    assert r"| `target_modules` | `.*\.(q_proj\|v_proj)` |" in card  # the regex's | escaped in its cell
+    assert "Per expert: " + ", ".join(f"{e['deterministic_density']:.1%}" for e in report["experts"]) in card
+    assert "simoe export --checkpoint THIS_DIRECTORY --mode compact" in card
+    # the card is not in the way of loading
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    reloaded = SIMoEModel.from_pretrained(again, tmp_path / "ckpt")
+    assert reloaded.sparsity_report() == report

@@ -153,7 +153,7 @@ def test_console_shows_one_compact_line_per_log(tmp_path, capsys):
     lines = [line for line in out.splitlines() if line.startswith("step ")]
     assert [line.split(" · ")[0] for line in lines] == ["step 2/4", "step 4/4"]
     assert all("nll " in line and "gap " in line and "union " in line and "λ " in line and "H(r) " in line
-               for line in lines)
+               and line.endswith(" s/step") for line in lines)
     assert "{'loss'" not in out and "density/expert0" not in out  # no metric dict on the console
     assert "density/expert0_expected" in trainer.state.log_history[0]  # it is in the log history
 
@@ -209,3 +209,30 @@ def test_loss_is_nll_plus_regulariser_plus_the_routing_terms(tmp_path):
     expected = nll + reg + 0.7 * routing_balance(r) - 0.3 * routing_information(r)
     assert routing_balance(r).item() > 1e-4  # the term is live at initialisation
     torch.testing.assert_close(loss, expected)
+
+
+def test_a_non_finite_gradient_stops_training_before_it_reaches_weights_or_checkpoints(tmp_path):
+    from conftest import tiny_model
+    from train_tiny import collate, dataset
+
+    from simoe import SIMoEConfig, upcycle
+    from simoe.training.arguments import SIMoETrainingArguments
+    from simoe.training.trainer import SIMoETrainer
+
+    model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=2))
+    args = SIMoETrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                  save_steps=1, report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = SIMoETrainer(model, args, train_dataset=dataset(16), data_collator=collate)
+    compute_loss = trainer.compute_loss
+
+    def nan_from_step_3(*a, **k):
+        loss = compute_loss(*a, **k)
+        return loss * float("nan") if trainer.state.global_step >= 2 else loss
+
+    trainer.compute_loss = nan_from_step_3
+    with pytest.raises(FloatingPointError, match=r"step 3: the gradient of \S+ is NaN or infinite"):
+        trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    for path in tmp_path.glob("checkpoint-*/*.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_file(path).values()), path
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -8,6 +8,7 @@ from transformers import Trainer
 from simoe.training.arguments import SIMoETrainingArguments
 from simoe.training.checkpoints import StagedCheckpoints
 from simoe.training.console import compact_console
+from simoe.training.faults import StopOnNonFinite
 
 
 class BaselineTrainer(StagedCheckpoints, Trainer):
@@ -25,6 +26,7 @@ class BaselineTrainer(StagedCheckpoints, Trainer):
         self.routes_on_prompt = isinstance(model, SMEARModel)
         super().__init__(model=model, args=args, **kwargs)
         compact_console(self)
+        self.add_callback(StopOnNonFinite())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Trainer already drops the column for models whose forward lacks it (remove_unused_columns)

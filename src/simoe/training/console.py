@@ -5,11 +5,13 @@ The full metric set still goes to the ``report_to`` backends and ``trainer_state
 
 from __future__ import annotations
 
+import time
+
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 
-def console_line(logs: dict[str, float], state) -> str:
+def console_line(logs: dict[str, float], state, seconds_per_step: float | None = None) -> str:
     """One compact line for a training log: step, loss terms, densities, λ, routing, speed."""
     parts = [f"step {state.global_step}/{state.max_steps}"]
     if "nll" in logs:
@@ -27,6 +29,8 @@ def console_line(logs: dict[str, float], state) -> str:
         parts.append(f"|g| {logs['grad_norm']:.3g}")
     if "learning_rate" in logs:
         parts.append(f"lr {logs['learning_rate']:.2e}")
+    if seconds_per_step is not None:
+        parts.append(f"{seconds_per_step:.2f} s/step")
     return " · ".join(parts)
 
 
@@ -34,12 +38,19 @@ class _CompactProgress(ProgressCallback):
     """Trainer's progress bar, with one compact line per log instead of the whole metric dict
     (which still goes to ``report_to`` backends and ``trainer_state.json``)."""
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self._since = (time.perf_counter(), state.global_step)  # seconds per step since the last log
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "train_runtime" in logs:
             return
         if "loss" not in logs and "nll" not in logs:
             return super().on_log(args, state, control, logs=logs, **kwargs)
-        line = console_line(logs, state)
+        now, (then, step) = time.perf_counter(), self._since
+        self._since = (now, state.global_step)
+        speed = (now - then) / (state.global_step - step) if state.global_step > step else None
+        line = console_line(logs, state, speed)
         if self.training_bar is not None:
             self.training_bar.write(line)
         else:

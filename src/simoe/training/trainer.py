@@ -35,6 +35,7 @@ from simoe.objectives import (
 from simoe.training.arguments import SIMoETrainingArguments
 from simoe.training.checkpoints import StagedCheckpoints
 from simoe.training.console import compact_console
+from simoe.training.faults import StopOnNonFinite
 
 logger = logging.get_logger(__name__)
 
@@ -94,6 +95,7 @@ class SIMoETrainer(StagedCheckpoints, Trainer):
         self._window = torch.zeros(10, dtype=torch.float64, device=args.device)
         self.add_callback(_AfterOptimizerStep(self.regularizer))
         compact_console(self)
+        self.add_callback(StopOnNonFinite())
 
     # ------------------------------------------------------------------ schedules
     def router_temperature(self, step: int) -> float:

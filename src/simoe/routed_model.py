@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import os
+import tempfile
 from collections.abc import Iterator
 
 import torch
@@ -136,6 +137,22 @@ class PromptRoutedModel(nn.Module, abc.ABC):
         if card is not None:
             save_text(card, os.path.join(directory, "README.md"))
 
+    def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None,
+                    tokenizer=None, commit_message: str | None = None) -> str:
+        """Upload what ``save_pretrained`` writes (and ``tokenizer``'s files) to the Hub repository
+        ``repo_id``, creating it if needed, in one commit; returns the commit's URL."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder,
+                                       commit_message=commit_message or f"Upload {type(self).__name__}")
+        return str(getattr(commit, "commit_url", commit))
+
     def model_card(self) -> str | None:
         """The README.md that ``save_pretrained`` writes beside the weights (None: none)."""
         return None
@@ -155,7 +172,7 @@ class PromptRoutedModel(nn.Module, abc.ABC):
 
         ``from_pretrained(base, directory)`` uses the given base; ``from_pretrained(directory)``
         loads the base recorded in the options (``base_model_name_or_path``), as PEFT's Auto
-        classes do.
+        classes do. ``directory`` may be a Hub repository ("owner/name") that ``push_to_hub`` wrote.
         """
         load_recorded_base = directory is None
         if load_recorded_base:
@@ -163,6 +180,13 @@ class PromptRoutedModel(nn.Module, abc.ABC):
                 raise ValueError(f"pass the saved directory: {cls.__name__}.from_pretrained(base_model, "
                                  "directory)")
             directory = base_model
+        if not os.path.isdir(directory):  # a Hub repository ("owner/name"); a missing path is an error
+            from huggingface_hub import snapshot_download
+
+            from simoe.hub import resolve_name
+
+            directory = snapshot_download(resolve_name(directory), allow_patterns=[
+                cls.config_name, cls.weights_name, "README.md"])
         options = cls.config_class.load_from(directory, cls.config_name)  # read once
         if load_recorded_base:
             recorded = options.base_model_name_or_path

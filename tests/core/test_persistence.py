@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -94,3 +95,46 @@ def test_a_checkpoint_carries_a_model_card_with_its_base_options_and_sparsity(tm
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     reloaded = SIMoEModel.from_pretrained(again, tmp_path / "ckpt")
     assert reloaded.sparsity_report() == report
+
+
+def test_push_to_hub_uploads_the_checkpoint_and_from_pretrained_reads_it_back(tmp_path, monkeypatch):
+    """Everything up to the network: huggingface_hub's API is replaced at its boundary."""
+    import huggingface_hub
+    from conftest import char_tokenizer
+
+    calls, hub_repo = [], tmp_path / "hub" / "owner" / "simoe-tiny"
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls.append(("create_repo", repo_id, private, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            import shutil
+
+            calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path)), commit_message))
+            shutil.copytree(folder_path, hub_repo)  # what the Hub would now hold
+            return "https://huggingface.co/owner/simoe-tiny/commit/abc"
+
+    def fake_snapshot_download(repo_id, allow_patterns=None):
+        calls.append(("snapshot_download", repo_id, sorted(allow_patterns)))
+        return str(hub_repo)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model = _trained("llama")
+    url = model.push_to_hub("owner/simoe-tiny", token="hf_x", private=True, tokenizer=char_tokenizer())
+    assert url == "https://huggingface.co/owner/simoe-tiny/commit/abc"
+    assert calls[:2] == [("token", "hf_x"), ("create_repo", "owner/simoe-tiny", True, True)]
+    _, repo, files, message = calls[2]
+    assert repo == "owner/simoe-tiny" and message == "Upload SIMoEModel"
+    assert {"README.md", CONFIG_NAME, WEIGHTS_NAME, "tokenizer_config.json"} <= set(files)
+
+    reloaded = SIMoEModel.from_pretrained(tiny_model("llama"), "owner/simoe-tiny")
+    wanted = sorted([CONFIG_NAME, WEIGHTS_NAME, "README.md"])
+    assert calls[3] == ("snapshot_download", "owner/simoe-tiny", wanted)
+    for (name, a), (_, b) in zip(model.routed_state_dict().items(), reloaded.routed_state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name

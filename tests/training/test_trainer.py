@@ -236,3 +236,51 @@ def test_a_non_finite_gradient_stops_training_before_it_reaches_weights_or_check
     for path in tmp_path.glob("checkpoint-*/*.safetensors"):
         assert all(torch.isfinite(t).all() for t in load_file(path).values()), path
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_intact_and_resumable(tmp_path, monkeypatch):
+    import errno
+
+    from conftest import tiny_model
+    from train_tiny import collate, dataset
+    from transformers import TrainerCallback
+
+    from simoe import SIMoEConfig, routed_model, upcycle
+    from simoe.training.arguments import SIMoETrainingArguments
+    from simoe.training.trainer import SIMoETrainer
+
+    def trainer_for(model):
+        args = SIMoETrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                      save_steps=1, report_to="none", use_cpu=True, disable_tqdm=True)
+        return SIMoETrainer(model, args, train_dataset=dataset(16), data_collator=collate)
+
+    saved = {}
+
+    class Snapshot(TrainerCallback):  # the bytes of checkpoint-1 as it was written
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                saved.update({p.name: p.read_bytes() for p in (tmp_path / "checkpoint-1").iterdir()
+                              if p.is_file()})
+
+    save_state = routed_model.save_state
+
+    def disk_full_at_step_2(tensors, path, *a, **k):
+        if "checkpoint-2" in str(path):
+            save_state(tensors, path, *a, **k)  # the file lands, then the disk fills up
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return save_state(tensors, path, *a, **k)
+
+    monkeypatch.setattr(routed_model, "save_state", disk_full_at_step_2)
+    trainer = trainer_for(upcycle(tiny_model("llama"), SIMoEConfig(num_experts=2)))
+    trainer.add_callback(Snapshot())
+    with pytest.raises(OSError, match="No space left on device"):
+        trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoint-1").iterdir() if p.is_file()} == saved
+
+    monkeypatch.setattr(routed_model, "save_state", save_state)  # space again
+    resumed = trainer_for(upcycle(tiny_model("llama"), SIMoEConfig(num_experts=2)))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert resumed.state.global_step == 4
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*"))[-1] == "checkpoint-4"
+    assert not (tmp_path / ".staging").exists()

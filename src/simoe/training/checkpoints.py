@@ -23,6 +23,9 @@ class StagedCheckpoints:
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         self._staging_dir = os.path.join(run_dir, _STAGING)
+        if self.args.should_save:  # what a failed save (a crash, a full disk) left there
+            shutil.rmtree(os.path.join(self._staging_dir, name), ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         try:
             super()._save_checkpoint(model, trial)
         finally:

@@ -59,8 +59,11 @@ def test_bad_config_file_names_file_and_field(tmp_path):
     path.write_text("{\n  \"num_experts\": 3,\n  oops\n}")
     with pytest.raises(ValueError, match="simoe_config.json: invalid JSON at line 3"):
         SIMoEModel.from_pretrained(tiny_model("qwen2"), tmp_path)
-    with pytest.raises(FileNotFoundError, match="simoe_config.json"):
+    with pytest.raises(FileNotFoundError, match="missing: no such directory"):  # not a Hub lookup
         SIMoEModel.from_pretrained(tiny_model("qwen2"), tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no simoe_config.json in .*empty"):
+        SIMoEModel.from_pretrained(tiny_model("qwen2"), tmp_path / "empty")
 
 
 def test_config_records_base_model_path(tmp_path):

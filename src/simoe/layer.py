@@ -78,6 +78,24 @@ class _MaskedDelta(torch.autograd.Function):
         return grad_x, grad_merged, grad_delta, None, None
 
 
+def active_columns(gates: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """For each layer's gates [M, in]: the input columns some expert keeps, or None when it keeps all.
+
+    Two host synchronisations for all the layers together (their counts, then their indices), not
+    two per layer: on an accelerator each one stalls the queue of launched kernels.
+    """
+    if not gates:
+        return []
+    on = [(g != 0).any(dim=0) for g in gates]
+    counts = torch.stack([o.sum() for o in on]).tolist()
+    index = torch.cat(on).nonzero().squeeze(1)
+    active, offset = [], 0
+    for part, count, o in zip(index.split(counts), counts, on, strict=True):
+        active.append(None if count == o.numel() else part - offset)
+        offset += o.numel()
+    return active
+
+
 def _straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
     """``value`` in the forward, ``surrogate``'s gradient in the backward."""
     return value + (surrogate - surrogate.detach())
@@ -157,6 +175,10 @@ class SIMoELayer(nn.Module):
 
         Returns the gates used.
         """
+        return self.merge_experts(routing, gates)
+
+    def merge_experts(self, routing: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+        """m = r @ z for a batch (what :meth:`set_routing` does for every layer kind); returns z."""
         gates = self.gates() if gates is None else gates
         self.merged_gates = routing @ gates
         return gates
@@ -200,16 +222,20 @@ class SIMoELinear(SIMoELayer):
         return isinstance(self.base, Conv1D)
 
     def set_routing(self, routing: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
-        gates = super().set_routing(routing, gates)
-        on = (gates != 0).any(dim=0)
-        self.active = None if bool(on.all()) else on.nonzero().squeeze(1)
+        gates = self.merge_experts(routing, gates)
+        self.set_active(active_columns([gates])[0])
+        return gates
+
+    def set_active(self, active: torch.Tensor | None) -> None:
+        """The input columns some expert keeps (:func:`active_columns`; None: all), and in eval mode
+        Δ gathered on them."""
+        self.active = active
         self.active_delta = None
         if not self.training and self.active is not None:
             # decoding reads Δ once per token: gather its active columns once per routing instead
             with torch.no_grad():
                 self.active_delta = self.delta.index_select(0 if self._conv1d else 1, self.active).to(
                     self.base.weight.dtype)
-        return gates
 
     @property
     def in_features(self) -> int:

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from simoe import objectives
 from simoe.config import CONFIG_NAME, WEIGHTS_NAME, SIMoEConfig
 from simoe.data import template_affixes
-from simoe.layer import SIMoELayer, SIMoELinear, SIMoENorm
+from simoe.layer import SIMoELayer, SIMoELinear, SIMoENorm, active_columns
 from simoe.routed_model import PromptRoutedModel, with_recorded_base
 from simoe.router import Router, masked_mean, skip_template
 from simoe.targets import decoder_layers, find_targets, is_linear
@@ -151,8 +151,14 @@ class SIMoEModel(PromptRoutedModel):
         if self._folded:
             raise RuntimeError("inside folded() the routing is folded into the weights: run base_model")
         routing = self.checked_routing(routing, self.simoe_config.num_experts)
+        linears, linear_gates = [], []
         for _, layer in self.routed_layers():
-            layer.set_routing(routing, layer.gates(self.gate_generator))
+            gates = layer.merge_experts(routing, layer.gates(self.gate_generator))
+            if isinstance(layer, SIMoELinear):
+                linears.append(layer)
+                linear_gates.append(gates)
+        for layer, active in zip(linears, active_columns(linear_gates), strict=True):
+            layer.set_active(active)  # one host synchronisation for all the layers, not one per layer
 
     @contextlib.contextmanager
     def bypass(self) -> Iterator[None]:

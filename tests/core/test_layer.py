@@ -159,3 +159,29 @@ def test_eval_mode_gathers_the_active_delta_once_and_computes_the_same(conv1d):
     torch.testing.assert_close(cached, training_path)
     layer.train().set_routing(torch.softmax(torch.randn(4, 3), dim=-1))
     assert layer.active_delta is None  # training always reads the live Δ
+
+
+def test_active_columns_of_all_layers_at_once_equal_each_layers_own():
+    """The batched rule (two host syncs per forward) picks the same columns as a per-layer nonzero,
+    and says None for a layer that keeps every column; the model uses it, layer by layer equal."""
+    from simoe.layer import active_columns
+
+    g = torch.Generator().manual_seed(0)
+    gates = [torch.rand(3, 5, generator=g) * (torch.rand(3, 5, generator=g) > 0.6), torch.ones(2, 4),
+             torch.zeros(3, 6), torch.rand(2, 7, generator=g) * (torch.rand(2, 7, generator=g) > 0.8)]
+    got = active_columns(gates)
+    assert got[1] is None
+    for i in (0, 2, 3):
+        assert torch.equal(got[i], (gates[i] != 0).any(0).nonzero().squeeze(1)), i
+    assert active_columns([]) == []
+
+    model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=3))
+    randomize_experts(model)
+    with torch.no_grad():
+        for _, layer in model.routed_layers():
+            layer.log_alpha[:, ::3] = -10.0  # a third of every layer's columns off
+    model.eval().set_routing(torch.softmax(torch.randn(2, 3), dim=-1))
+    for _, layer in model.routed_layers():
+        if isinstance(layer, SIMoELinear):
+            expected = layer.gates_on().any(0).nonzero().squeeze(1)
+            assert torch.equal(layer.active, expected) and layer.active_delta is not None

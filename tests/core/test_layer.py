@@ -185,3 +185,44 @@ def test_active_columns_of_all_layers_at_once_equal_each_layers_own():
         if isinstance(layer, SIMoELinear):
             expected = layer.gates_on().any(0).nonzero().squeeze(1)
             assert torch.equal(layer.active, expected) and layer.active_delta is not None
+
+
+def _explained_breaks(module, x) -> list[str]:
+    explanation = torch._dynamo.explain(module)(x)
+    return [str(b.reason) for b in explanation.break_reasons]
+
+
+@pytest.mark.slow
+def test_simoe_layers_compile_without_graph_breaks():
+    """torch.compile (CPU inductor) traces every SIMoE layer kind in one graph, training and
+    decoding paths alike, and the compiled layer computes what the eager one does, gradients too."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    torch.manual_seed(0)
+    routing = torch.softmax(torch.randn(4, 3), dim=-1)
+    x = torch.randn(4, 5, 16, requires_grad=True)
+    layers = {"linear": SIMoELinear(nn.Linear(16, 8), 3, 0.0, 0.1),
+              "conv1d": SIMoELinear(Conv1D(8, 16), 3, 0.0, 0.1),
+              "rmsnorm": SIMoENorm(LlamaRMSNorm(16), 3, 0.0, 0.1),
+              "gemma_norm": SIMoENorm(Gemma3RMSNorm(16), 3, 0.0, 0.1)}
+    for name, layer in layers.items():
+        with torch.no_grad():
+            layer.delta.normal_()
+            layer.log_alpha[:, ::2] = -10.0
+        layer.set_routing(routing)
+        assert _explained_breaks(layer, x) == [], name
+        layer.eval().set_routing(routing)  # decoding: Δ's active columns gathered once
+        with torch.no_grad():
+            assert _explained_breaks(layer, x) == [], f"{name}, eval"
+        layer.train().set_routing(routing)
+    layer = layers["linear"]
+    compiled = torch.compile(layer)
+    eager_out = layer(x)
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), (x, layer.delta, layer.log_alpha),
+                                      allow_unused=True)
+    layer.set_routing(routing)  # a fresh m = r @ z: the first backward freed the last one's graph
+    out = compiled(x)
+    grads = torch.autograd.grad(out.square().sum(), (x, layer.delta, layer.log_alpha), allow_unused=True)
+    torch.testing.assert_close(out, eager_out)
+    for g, e in zip(grads, eager_grads, strict=True):
+        assert (g is None) == (e is None) and (g is None or torch.allclose(g, e, atol=1e-5))

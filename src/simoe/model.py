@@ -32,6 +32,8 @@ class SIMoEModel(PromptRoutedModel):
     layer_class = SIMoELayer
     config_class, config_name, weights_name = SIMoEConfig, CONFIG_NAME, WEIGHTS_NAME
     _folded = False  # inside folded(): the routing lives in the layers' weights
+    # What training recorded for the model card (the recipe sets it): data, examples, steps, load.
+    training_record: dict | None = None
 
     def __init__(self, base_model: PreTrainedModel, config: SIMoEConfig):
         super().__init__()
@@ -216,7 +218,7 @@ class SIMoEModel(PromptRoutedModel):
         """What the checkpoint holds and how to load and export it (``README.md``)."""
         from simoe.model_card import simoe_model_card
 
-        return simoe_model_card(self.simoe_config.to_dict(), self.sparsity_report())
+        return simoe_model_card(self.simoe_config.to_dict(), self.sparsity_report(), self.training_record)
 
     # ---------------------------------------------------------------- reports
     @torch.no_grad()

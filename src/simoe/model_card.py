@@ -16,9 +16,24 @@ def _cell(value: object) -> str:
     return str(value).replace("|", "\\|")
 
 
-def simoe_model_card(options: dict, report: dict) -> str:
+def _training_section(record: dict | None) -> str:
+    """What the model was trained on and how the router divides those prompts (empty when unknown)."""
+    if not record:
+        return ""
+    load = ", ".join(f"E{i} {share:.1%}" for i, share in enumerate(record["routing_load"]))
+    return f"""
+## Training
+
+Data: `{record['data']}`, {record['examples']:,} examples, {record['steps']:,} optimizer steps.
+Mean routing over the first {record['routing_prompts']:,} training prompts (each expert's share of
+the load): {load}.
+"""
+
+
+def simoe_model_card(options: dict, report: dict, training: dict | None = None) -> str:
     """Markdown (with Hub metadata) for a checkpoint of ``options`` (``SIMoEConfig.to_dict()``) whose
-    ``SIMoEModel.sparsity_report()`` is ``report``."""
+    ``SIMoEModel.sparsity_report()`` is ``report``; ``training``: what the recipe recorded (data,
+    examples, steps, routing load), when known."""
     try:
         release = version("simoe")
     except PackageNotFoundError:  # run from a source tree that is not installed
@@ -56,7 +71,7 @@ the base weights: W(x) = W0 + Δ·diag(r(x) @ z). This directory holds only simo
 {union['deterministic_density']:.1%} of the {report['upcycled_params']:,} upcycled parameters are
 non-zero in at least one expert (target {report['target_density']:.1%}), over
 {report['upcycled_modules']} upcycled modules. Per expert: {experts}.
-
+{_training_section(training)}
 ## Load and generate
 
 ```python

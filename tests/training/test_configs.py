@@ -50,6 +50,8 @@ def test_config_trains_two_steps(config_path, tiny_dir, tmp_path):
     assert state["global_step"] == 2
     logs = [h for h in state["log_history"] if "nll" in h]
     assert len(logs) == 2 and all(0 < h["nll"] < 20 for h in logs)
+    card = (out / "README.md").read_text()  # the model card says what it was trained on
+    assert "## Training" in card and "2 optimizer steps" in card and "E0 " in card
     saved = json.loads((out / "simoe_config.json").read_text())
     assert saved["base_model_name_or_path"] == tiny_dir and saved["num_experts"] == config["num_experts"]
     # path-only reload: the recorded base plus the trained SIMoE tensors

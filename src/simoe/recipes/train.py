@@ -11,6 +11,7 @@ from transformers import set_seed
 
 from simoe.baselines import BaselineConfig, build, parameter_counts
 from simoe.config import SIMoEConfig
+from simoe.inference.routing import mean_routing
 from simoe.io import save_json
 from simoe.training.arguments import DataArguments, ModelArguments, SIMoETrainingArguments
 from simoe.training.baseline_trainer import BaselineTrainer
@@ -26,6 +27,14 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def routing_load(model, dataset, collator, prompts: int = 256, batch_size: int = 16) -> dict:
+    """How the router divides the first ``prompts`` training prompts: each expert's mean share."""
+    n = min(prompts, len(dataset))
+    batches = (collator([dataset[i] for i in range(start, min(start + batch_size, n))])
+               for start in range(0, n, batch_size))
+    return {"routing_prompts": n, "routing_load": mean_routing(model, batches).tolist()}
 
 
 def run_train(
@@ -62,6 +71,10 @@ def run_train(
         processing_class=tokenizer,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if model_args.method == "simoe":  # for the model card that save_model writes
+        model.training_record = {"data": data_args.data, "examples": stats["examples"],
+                                 "steps": trainer.state.global_step,
+                                 **routing_load(model, dataset, SIMoECollator(tokenizer))}
     trainer.save_model(training_args.output_dir)
     if training_args.should_save:
         summary = {"method": model_args.method, "data": stats, "parameters": parameter_counts(model),

@@ -34,6 +34,9 @@ class SIMoEModel(PromptRoutedModel):
     _folded = False  # inside folded(): the routing lives in the layers' weights
     # What training recorded for the model card (the recipe sets it): data, examples, steps, load.
     training_record: dict | None = None
+    # generate() folds a routing shared by the whole batch into the weights (base speed, one extra
+    # copy of the targeted weights while it runs); False: decode it on the masked path instead.
+    fold_shared_routing = True
 
     def __init__(self, base_model: PreTrainedModel, config: SIMoEConfig):
         super().__init__()
@@ -183,7 +186,7 @@ class SIMoEModel(PromptRoutedModel):
         if routing is None:
             routing = self.route(input_ids, attention_mask)
         routing = self.checked_routing(routing, self.simoe_config.num_experts)
-        if not self.training and bool((routing == routing[:1]).all()):
+        if self.fold_shared_routing and not self.training and bool((routing == routing[:1]).all()):
             with self.folded(routing[0]):
                 return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return super().generate(input_ids, attention_mask, routing=routing, **kwargs)

@@ -116,6 +116,9 @@ def test_generate_folds_a_shared_routing_and_restores_the_weights_when_it_raises
     unfolded = model.generate(input_ids=ids, routing=mixed, **kwargs)  # per-example routings: no fold
     assert len(folds) == 1
     assert torch.equal(out[[0, 2]], unfolded[[0, 2]])  # the rows that kept the shared routing
+    model.fold_shared_routing = False  # e.g. no room for a second copy of the targeted weights
+    assert torch.equal(model.generate(input_ids=ids, routing=shared, **kwargs), out) and len(folds) == 1
+    model.fold_shared_routing = True
 
     weights = {name: (layer.base.weight, layer.base.weight.clone()) for name, layer in model.routed_layers()}
 

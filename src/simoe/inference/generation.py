@@ -90,7 +90,7 @@ def generate_from_ids(
     Prompts are left-padded in batches of ``batch_size`` and decoded greedily unless
     ``generate_kwargs`` say otherwise (``do_sample``, ``temperature``, ``num_beams``...); generation stops
     at the tokenizer's and the model's eos tokens, and only the new tokens are decoded (without special
-    tokens, stripped), as :func:`simoe.generation.generate` does. A SIMoE model routes each prompt once
+    tokens, stripped), as :func:`generate` does. A SIMoE model routes each prompt once
     (the routing is returned), or uses ``routing`` [M] for every prompt; a plain model takes no routing.
     """
     simoe = isinstance(model, SIMoEModel)

@@ -40,7 +40,7 @@ def load_for_inference(
       or one of its checkpoints): the recorded base (``base_model_name_or_path``) upcycled with the saved
       SIMoE tensors, a :class:`SIMoEModel`;
     * a directory with ``simoe_config.json`` and ``simoe_compact.safetensors``: a compact export
-      (:func:`simoe.export.load_compact`), also a :class:`SIMoEModel`;
+      (:func:`simoe.inference.export.load_compact`), also a :class:`SIMoEModel`;
     * anything else (a hub id, a local HF directory such as a merged export, a built-in name):
       :func:`simoe.hub.load_model_and_tokenizer`.
 

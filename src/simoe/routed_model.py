@@ -127,13 +127,30 @@ class PromptRoutedModel(nn.Module, abc.ABC):
         return self.base_model.config
 
     # ---------------------------------------------------------------- persistence
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None,
+                        is_main_process: bool = True) -> None:
         """Write the options (``config_name``) and the model's own tensors (``weights_name``; no
-        base weights), each atomically."""
+        base weights), each atomically.
+
+        Sharded models (FSDP2, DeepSpeed ZeRO-3): pass ``state_dict``, this model's full state dict
+        as the trainer gathered it (Trainer hands one to ``_save``), and the routed tensors are taken
+        from it; without one, sharded tensors (DTensor) are gathered here, a collective that every
+        rank must join, and only the one with ``is_main_process`` writes.
+        """
+        routed = self.routed_state_dict()
+        sharded = _is_sharded(routed)
+        if state_dict is None:
+            state = {key: full_tensor(value) for key, value in routed.items()}
+        else:  # routed keys are relative to the base model, except the router's
+            state = {key: state_dict[key if key.startswith("router.") else f"base_model.{key}"]
+                     for key in routed}
+        # a sharded model gets no card: its sparsity report would need the gates gathered first
+        card = None if sharded else self.model_card()
+        if not is_main_process:
+            return
         os.makedirs(directory, exist_ok=True)
         self.options.save(os.path.join(directory, self.config_name))
-        save_state(self.routed_state_dict(), os.path.join(directory, self.weights_name))
-        card = self.model_card()
+        save_state(state, os.path.join(directory, self.weights_name))
         if card is not None:
             save_text(card, os.path.join(directory, "README.md"))
 
@@ -199,6 +216,19 @@ class PromptRoutedModel(nn.Module, abc.ABC):
         model = cls(base_model, options)
         model.load_routed_weights(directory)
         return model
+
+
+def _is_sharded(state: dict[str, torch.Tensor]) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(value, DTensor) for value in state.values())
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole: a sharded DTensor (FSDP2) gathered from every rank (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def with_recorded_base(options: JSONConfig, base_model: PreTrainedModel) -> JSONConfig:

@@ -52,7 +52,7 @@ class BaselineTrainer(StagedCheckpoints, Trainer):
             return super()._save(output_dir, state_dict)
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
-            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
 

@@ -253,7 +253,8 @@ class SIMoETrainer(StagedCheckpoints, Trainer):
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        # under FSDP / DeepSpeed, state_dict is the full state dict Trainer gathered on every rank
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
         save_state(dict(self.regularizer.named_parameters()), os.path.join(output_dir, LAGRANGIAN_NAME))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)

@@ -183,14 +183,19 @@ class SIMoELayer(nn.Module):
         self.merged_gates = routing @ gates
         return gates
 
+    @property
+    def column_dim(self) -> int:
+        """The dimension of Δ that a gate indexes: Linear [out, in] -> 1; Conv1D [in, out], norms -> 0."""
+        return 1 if self.delta.dim() == 2 and not isinstance(self.base, Conv1D) else 0
+
     @torch.no_grad()
     def folded_weight(self, merged_gates: torch.Tensor) -> torch.Tensor:
         """The base weight with one routing's merged experts folded in, a new tensor in the weight's
         dtype: W0 + Δ·diag(m) (Conv1D, weight in x out: diag(m)·Δ; a norm: g0 + m ⊙ Δ), m [in]."""
         weight = self.base.weight
         m = merged_gates.to(torch.float32)
-        if self.delta.dim() == 2:
-            m = m[:, None] if isinstance(self.base, Conv1D) else m[None, :]
+        if self.delta.dim() == 2:  # m along the gated dimension, broadcast over the other
+            m = m.unsqueeze(1 - self.column_dim)
         return (weight.float() + self.delta * m).to(weight.dtype)
 
     def _merged_gates_for(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,7 +239,7 @@ class SIMoELinear(SIMoELayer):
         if not self.training and self.active is not None:
             # decoding reads Δ once per token: gather its active columns once per routing instead
             with torch.no_grad():
-                self.active_delta = self.delta.index_select(0 if self._conv1d else 1, self.active).to(
+                self.active_delta = self.delta.index_select(self.column_dim, self.active).to(
                     self.base.weight.dtype)
 
     @property

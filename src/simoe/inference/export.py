@@ -18,12 +18,10 @@ import os
 
 import torch
 from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
 from simoe import hard_concrete
 from simoe.config import SIMoEConfig
 from simoe.io import read_state, save_json, save_state
-from simoe.layer import SIMoELayer
 from simoe.model import SIMoEModel, upcycle
 from simoe.parameters import parameter_report
 
@@ -36,11 +34,6 @@ REPORT_NAME = "export_report.json"
 MERGE_INFO_NAME = "simoe_merge.json"
 
 
-def _column_dim(layer: SIMoELayer) -> int:
-    """The dimension of Δ that a gate indexes: Linear [out, in] -> 1; Conv1D [in, out], norms -> 0."""
-    return 1 if layer.delta.dim() == 2 and not isinstance(layer.base, Conv1D) else 0
-
-
 @torch.no_grad()
 def save_compact(model: SIMoEModel, directory: str | os.PathLike) -> dict:
     """Write the compact export (see the module docstring) and return its parameter report."""
@@ -50,7 +43,7 @@ def save_compact(model: SIMoEModel, directory: str | os.PathLike) -> dict:
         gates = layer.eval_gates()
         columns = layer.gates_on().any(dim=0).nonzero().squeeze(1)
         tensors[f"{name}.columns"] = columns
-        tensors[f"{name}.delta"] = layer.delta.index_select(_column_dim(layer), columns)
+        tensors[f"{name}.delta"] = layer.delta.index_select(layer.column_dim, columns)
         tensors[f"{name}.gates"] = gates.index_select(1, columns)
     for key, value in model.router.state_dict().items():
         tensors[f"router.{key}"] = value
@@ -117,7 +110,7 @@ def load_compact(base_model: PreTrainedModel, directory: str | os.PathLike) -> S
     for name, layer in layers:
         columns = loaded[f"{name}.columns"]
         _check_columns(columns, layer.in_features, f"{path}: {name}.columns")
-        dim, k = _column_dim(layer), columns.numel()
+        dim, k = layer.column_dim, columns.numel()
         delta, gates = loaded[f"{name}.delta"], loaded[f"{name}.gates"]
         shape = list(layer.delta.shape)
         shape[dim] = k
@@ -155,9 +148,7 @@ def merged_state_dict(model: SIMoEModel, routing: torch.Tensor) -> dict[str, tor
     for name, layer in model.routed_layers():
         # m = r @ z, computed as set_routing computes it for a batch
         merged_gates = routing.to(layer.log_alpha)[None] @ layer.eval_gates()
-        merged_gates = merged_gates[0, :, None] if isinstance(layer.base, Conv1D) else merged_gates[0]
-        w0 = layer.base.weight
-        merged = (w0.float() + layer.delta * merged_gates).to(w0.dtype)
+        merged = layer.folded_weight(merged_gates[0])
         del state[f"{name}.delta"], state[f"{name}.log_alpha"]
         for key in [k for k in state if k.startswith(f"{name}.base.")]:
             state[f"{name}.{key.removeprefix(f'{name}.base.')}"] = state.pop(key)

@@ -205,16 +205,15 @@ class SIMoEModel(PromptRoutedModel):
         swapped = []
         self._folded = True
         try:
-            for _, layer in self.routed_layers():
-                folded = layer.folded_weight(routing @ layer.eval_gates())
-                swapped.append((layer, layer.base.weight, layer.merged_gates))
-                layer.base.weight = nn.Parameter(folded, requires_grad=False)
-                layer.merged_gates = None
-            yield
+            with self.bypass():  # the layers compute just their (folded) base
+                for _, layer in self.routed_layers():
+                    folded = layer.folded_weight(routing @ layer.eval_gates())
+                    swapped.append((layer, layer.base.weight))
+                    layer.base.weight = nn.Parameter(folded, requires_grad=False)
+                yield
         finally:
-            for layer, weight, merged_gates in reversed(swapped):
+            for layer, weight in reversed(swapped):
                 layer.base.weight = weight
-                layer.merged_gates = merged_gates
             self._folded = False
 
     def model_card(self) -> str:

@@ -7,14 +7,14 @@ import torch
 from transformers import TrainerCallback
 
 
-def first_non_finite(named_grads: list[tuple[str, torch.Tensor]]) -> str | None:
-    """The name of the first gradient holding a NaN or an infinity, or None (one host sync)."""
-    if not named_grads:
+def first_non_finite(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The first of ``params`` whose gradient holds a NaN or an infinity, or None (one host sync)."""
+    if not params:
         return None
-    sums = torch.stack([g.detach().sum().float() for _, g in named_grads])  # a NaN or inf survives a sum
+    sums = torch.stack([p.grad.detach().sum().float() for p in params])  # a NaN or inf survives a sum
     if bool(torch.isfinite(sums).all()):
         return None
-    return next(name for name, g in named_grads if not bool(torch.isfinite(g).all()))
+    return next(p for p in params if not bool(torch.isfinite(p.grad).all()))
 
 
 class StopOnNonFinite(TrainerCallback):
@@ -26,13 +26,12 @@ class StopOnNonFinite(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if args.fp16 or optimizer is None:
             return
-        names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
-        grads = [(names.get(id(p), f"group {i} tensor {j}"), p.grad)
-                 for i, group in enumerate(optimizer.param_groups)
-                 for j, p in enumerate(group["params"]) if p.grad is not None]
-        bad = first_non_finite(grads)
-        if bad is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        bad = first_non_finite(params)
+        if bad is not None:  # names are looked up only now, not on every step
+            names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+            name = names.get(id(bad), "a tensor outside the model")
             raise FloatingPointError(
-                f"step {state.global_step + 1}: the gradient of {bad} is NaN or infinite; training stopped "
+                f"step {state.global_step + 1}: the gradient of {name} is NaN or infinite; training stopped "
                 "before the optimizer step, so the weights and every checkpoint written so far are "
                 "finite (try a lower learning rate, max_grad_norm, or bf16 instead of fp16)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-CARD_NAME = "README.md"
 SHOWN_OPTIONS = ("num_experts", "target_modules", "target_sparsity", "sparsity_scope", "gate_regime",
                  "upcycle_norms", "router_input", "router_span", "router_temperature",
                  "router_min_temperature")

@@ -20,6 +20,8 @@ from transformers import PreTrainedModel
 from simoe.config_base import JSONConfig
 from simoe.io import load_state_into, save_state, save_text
 
+CARD_NAME = "README.md"  # the model card save_pretrained writes beside the weights
+
 
 class PromptRoutedModel(nn.Module, abc.ABC):
     """What SIMoE and the SMEAR baseline share: a frozen HF ``base_model`` whose routed layers get
@@ -144,15 +146,15 @@ class PromptRoutedModel(nn.Module, abc.ABC):
         else:  # routed keys are relative to the base model, except the router's
             state = {key: state_dict[key if key.startswith("router.") else f"base_model.{key}"]
                      for key in routed}
-        # a sharded model gets no card: its sparsity report would need the gates gathered first
-        card = None if sharded else self.model_card()
         if not is_main_process:
             return
         os.makedirs(directory, exist_ok=True)
         self.options.save(os.path.join(directory, self.config_name))
         save_state(state, os.path.join(directory, self.weights_name))
+        # a sharded model gets no card: its sparsity report would need the gates gathered first
+        card = None if sharded else self.model_card()
         if card is not None:
-            save_text(card, os.path.join(directory, "README.md"))
+            save_text(card, os.path.join(directory, CARD_NAME))
 
     def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None,
                     tokenizer=None, commit_message: str | None = None) -> str:
@@ -203,7 +205,7 @@ class PromptRoutedModel(nn.Module, abc.ABC):
             from simoe.hub import resolve_name
 
             directory = snapshot_download(resolve_name(directory), allow_patterns=[
-                cls.config_name, cls.weights_name, "README.md"])
+                cls.config_name, cls.weights_name, CARD_NAME])
         options = cls.config_class.load_from(directory, cls.config_name)  # read once
         if load_recorded_base:
             recorded = options.base_model_name_or_path

@@ -53,7 +53,12 @@ class Record(TrainerCallback):
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:  # the trainable state's size, which compaction shrinks
+            layers = [layer for _, layer in model.routed_layers()]
+            params = sum(layer.delta.numel() + layer.log_alpha.numel() for layer in layers)
+            with open(os.path.join(args.output_dir, "sizes.jsonl"), "a") as f:
+                f.write(json.dumps({"step": state.global_step, "params": params}) + "\n")
         if state.global_step == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -63,11 +68,17 @@ def main() -> None:
     torch.manual_seed(0)
     model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=4, target_sparsity=0.5))
     train_without_dropout(model)
+    if opts.get("quarter_off"):  # a quarter of every layer's columns off in every expert, far below 0
+        with torch.no_grad():
+            for _, layer in model.routed_layers():
+                layer.log_alpha[:, : layer.in_features // 4] = -10.0
     args = SIMoETrainingArguments(
         output_dir=out, max_steps=opts["max_steps"], per_device_train_batch_size=opts.get("batch", 4),
         gradient_accumulation_steps=opts.get("accumulation", 1), learning_rate=3e-3, logging_steps=1,
         save_steps=opts.get("save_steps", 4), report_to="none", use_cpu=True, disable_tqdm=True,
         ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None, dataloader_num_workers=0, seed=7,
+        compact_after_warmup=opts.get("compact", False), sparsity_warmup_steps=opts.get("warmup", 0.3),
+        mask_learning_rate=opts.get("mask_lr", 0.05),
     )
     trainer = SIMoETrainer(model, args, train_dataset=dataset(), data_collator=collate)
     trainer.add_callback(Record(os.path.join(out, "log.jsonl"), opts.get("kill_at")))

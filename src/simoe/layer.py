@@ -23,59 +23,64 @@ from transformers.pytorch_utils import Conv1D
 from simoe import hard_concrete
 
 
-def _columns(x, merged_gates, delta, active, conv1d):
-    """x, m and Δ (in x's dtype) on the active input columns (all of them when ``active`` is None)."""
-    if active is not None:
-        x, merged_gates = x.index_select(-1, active), merged_gates.index_select(-1, active)
-        delta = delta.index_select(0 if conv1d else 1, active)
+def _columns(x, merged_gates, delta, x_index, index, conv1d):
+    """x on its columns ``x_index``, and m and Δ (in x's dtype) on their columns ``index`` (None: all)."""
+    if x_index is not None:
+        x = x.index_select(-1, x_index)
+    if index is not None:
+        merged_gates = merged_gates.index_select(-1, index)
+        delta = delta.index_select(0 if conv1d else 1, index)
     return x, merged_gates, delta.to(x.dtype)
 
 
-def _scatter(values, active, shape, dim):
-    """Put values computed on the active columns back into a zero tensor of the full shape."""
-    if active is None:
+def _scatter(values, index, shape, dim):
+    """Put values computed on the columns ``index`` back into a zero tensor of the full shape."""
+    if index is None:
         return values
-    return values.new_zeros(shape).index_copy_(dim % len(shape), active, values)
+    return values.new_zeros(shape).index_copy_(dim % len(shape), index, values)
 
 
 class _MaskedDelta(torch.autograd.Function):
-    """Δ (m ⊙ x), computed on the active input columns only, saving x and m for backward.
+    """Δ (m ⊙ x), computed on the active input columns only, saving x's and m's active columns.
 
     Two savings over plain autograd. Memory: autograd would keep both x (for m's gradient) and
-    m ⊙ x (for Δ's); recomputing m ⊙ x in backward saves one activation per layer. Compute: a
-    column whose gate is exactly 0 in every expert contributes nothing, so the extra matmuls
-    run on the active columns only: at 25 % union density they cost a quarter. Gradients at
-    inactive columns are exactly zero for Δ and x; for m they are dropped, which is exact for
-    the parameters: those gates sit in the clamp's flat region, where dz/d log α = 0, and
-    z = 0 there, so the router's gradient Σ_col (dL/dm) z gets nothing from them either.
+    m ⊙ x (for Δ's); keeping x's active columns and recomputing m ⊙ x in backward saves one
+    activation per layer and three quarters of another at 25 % density. Compute: a column whose
+    gate is exactly 0 in every expert contributes nothing, so the extra matmuls run on the active
+    columns only: at 25 % union density they cost a quarter. Gradients at inactive columns are
+    exactly zero for Δ and x; for m they are dropped, which is exact for the parameters: those
+    gates sit in the clamp's flat region, where dz/d log α = 0, and z = 0 there, so the router's
+    gradient Σ_col (dL/dm) z gets nothing from them either.
+    ``index`` picks the active columns of m and Δ (None: all), ``x_index`` the same columns of x
+    (they differ once Δ is compacted: :meth:`SIMoELinear.compact_`).
     Δ comes in as the fp32 parameter and is cast to x's dtype inside, so a bf16 model keeps no
     bf16 copy of Δ for backward.
     """
 
     @staticmethod
-    def forward(ctx, x, merged_gates, delta, active, conv1d: bool):
-        ctx.save_for_backward(x, merged_gates, delta, active)
-        ctx.conv1d = conv1d
-        xs, ms, ds = _columns(x, merged_gates, delta, active, conv1d)
+    def forward(ctx, x, merged_gates, delta, x_index, index, conv1d: bool):
+        xs, ms, ds = _columns(x, merged_gates, delta, x_index, index, conv1d)
+        ctx.save_for_backward(xs, ms, delta, x_index, index)
+        ctx.conv1d, ctx.x_shape, ctx.m_shape = conv1d, x.shape, merged_gates.shape
         masked = xs * ms
         return masked @ ds if conv1d else F.linear(masked, ds)
 
     @staticmethod
     def backward(ctx, grad):
-        x, merged_gates, delta, active = ctx.saved_tensors
+        xs, ms, delta, x_index, index = ctx.saved_tensors
         conv1d = ctx.conv1d
-        xs, ms, ds = _columns(x, merged_gates, delta, active, conv1d)
+        ds = (delta if index is None else delta.index_select(0 if conv1d else 1, index)).to(xs.dtype)
         grad_masked = grad @ (ds.T if conv1d else ds)
         grad_x = grad_merged = grad_delta = None
         if ctx.needs_input_grad[0]:
-            grad_x = _scatter(grad_masked * ms, active, x.shape, -1)
+            grad_x = _scatter(grad_masked * ms, x_index, ctx.x_shape, -1)
         if ctx.needs_input_grad[1]:
-            grad_merged = _scatter((grad_masked * xs).sum_to_size(ms.shape), active, merged_gates.shape, -1)
+            grad_merged = _scatter((grad_masked * xs).sum_to_size(ms.shape), index, ctx.m_shape, -1)
         if ctx.needs_input_grad[2]:
             masked, grad = (xs * ms).flatten(0, -2), grad.flatten(0, -2)
-            grad_delta = _scatter(masked.T @ grad if conv1d else grad.T @ masked, active,
+            grad_delta = _scatter(masked.T @ grad if conv1d else grad.T @ masked, index,
                                   delta.shape, 0 if conv1d else 1).to(delta.dtype)
-        return grad_x, grad_merged, grad_delta, None, None
+        return grad_x, grad_merged, grad_delta, None, None, None
 
 
 def active_columns(gates: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -125,6 +130,8 @@ class SIMoELayer(nn.Module):
         # sets it before each forward and leaves it in place afterwards, so that activation
         # checkpointing recomputes this layer with the very gates the forward sampled.
         self.merged_gates: torch.Tensor | None = None
+        # The input columns Δ and log α hold, None: all (only SIMoELinear.compact_ drops some).
+        self.register_buffer("kept", None, persistent=False)
 
     @property
     def in_features(self) -> int:
@@ -196,7 +203,21 @@ class SIMoELayer(nn.Module):
         m = merged_gates.to(torch.float32)
         if self.delta.dim() == 2:  # m along the gated dimension, broadcast over the other
             m = m.unsqueeze(1 - self.column_dim)
+        if self.kept is not None:  # Δ holds these columns only (SIMoELinear.compact_)
+            return weight.float().index_add(self.column_dim, self.kept, self.delta * m).to(weight.dtype)
         return (weight.float() + self.delta * m).to(weight.dtype)
+
+    def full_tensors(self, dropped_logit: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Δ and log α at the full input width: columns dropped by ``SIMoELinear.compact_`` get Δ = 0
+        and log α = ``dropped_logit`` (a gate of 0). The parameters themselves when none were."""
+        if self.kept is None:
+            return self.delta, self.log_alpha
+        shape = list(self.delta.shape)
+        shape[self.column_dim] = self.in_features
+        delta, log_alpha = self.delta.detach(), self.log_alpha.detach()
+        full_delta = delta.new_zeros(shape).index_copy_(self.column_dim, self.kept, delta)
+        full_log_alpha = log_alpha.new_full((log_alpha.shape[0], self.in_features), dropped_logit)
+        return full_delta, full_log_alpha.index_copy_(1, self.kept, log_alpha)
 
     def _merged_gates_for(self, x: torch.Tensor) -> torch.Tensor:
         """The merged gates m = r @ z shaped to broadcast over x ([batch, ..., in_features])."""
@@ -212,14 +233,19 @@ class SIMoELayer(nn.Module):
 
 
 class SIMoELinear(SIMoELayer):
-    """Wraps ``nn.Linear`` (weight out x in) or GPT-2's ``Conv1D`` (weight in x out)."""
+    """Wraps ``nn.Linear`` (weight out x in) or GPT-2's ``Conv1D`` (weight in x out).
+
+    :meth:`compact_` can drop the input columns that every expert gates off from Δ and log α for
+    good (memory and optimizer state ∝ density); ``kept`` then lists the input columns that remain.
+    """
 
     def __init__(self, base: nn.Linear | Conv1D, num_experts: int, init_logit: float,
                  init_std: float, regime: str = "noise-free"):
         if not isinstance(base, (nn.Linear, Conv1D)):
             raise TypeError(f"SIMoELinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
         super().__init__(base, num_experts, init_logit, init_std, regime)
-        self.active: torch.Tensor | None = None  # input columns with a non-zero gate; None: all
+        self.active: torch.Tensor | None = None  # Δ's columns with a non-zero gate; None: all
+        self.x_index: torch.Tensor | None = None  # the input columns they read; None: all
         self.active_delta: torch.Tensor | None = None  # eval mode: Δ on them, gathered once
 
     @property
@@ -232,9 +258,10 @@ class SIMoELinear(SIMoELayer):
         return gates
 
     def set_active(self, active: torch.Tensor | None) -> None:
-        """The input columns some expert keeps (:func:`active_columns`; None: all), and in eval mode
-        Δ gathered on them."""
+        """Δ's columns some expert keeps (:func:`active_columns`; None: all), and in eval mode Δ
+        gathered on them."""
         self.active = active
+        self.x_index = self.kept if active is None else active if self.kept is None else self.kept[active]
         self.active_delta = None
         if not self.training and self.active is not None:
             # decoding reads Δ once per token: gather its active columns once per routing instead
@@ -253,10 +280,39 @@ class SIMoELinear(SIMoELayer):
             return y
         merged_gates = self._merged_gates_for(x)
         if self.active_delta is not None and not torch.is_grad_enabled():
-            masked = x.index_select(-1, self.active) * merged_gates.index_select(-1, self.active)
+            masked = x.index_select(-1, self.x_index) * merged_gates.index_select(-1, self.active)
             delta = self.active_delta.to(x.dtype)
             return y + (masked @ delta if self._conv1d else F.linear(masked, delta))
-        return y + _MaskedDelta.apply(x, merged_gates, self.delta, self.active, self._conv1d)
+        return y + _MaskedDelta.apply(x, merged_gates, self.delta, self.x_index, self.active, self._conv1d)
+
+    # ---------------------------------------------------------------- compaction
+    @torch.no_grad()
+    def compact_(self, keep: torch.Tensor) -> None:
+        """Keep only Δ's and log α's columns ``keep`` (sorted indices into their current columns).
+
+        The parameters stay the same objects (an optimizer holding them keeps working; its state
+        must be indexed the same way: ``simoe.training.compaction``). The dropped columns are gone
+        for good: the layer computes as if their gates were 0, which is exact when every expert
+        gates them off. Their gradients, which the sparsity constraint's straight-through estimate
+        would give them, are gone too, so they cannot come back on.
+        """
+        width = self.delta.shape[self.column_dim]
+        if keep.dim() != 1 or (keep.numel() and not 0 <= int(keep.min()) <= int(keep.max()) < width):
+            raise ValueError(f"keep must be a 1-D index of Δ's {width} columns")
+        keep = keep.to(self.delta.device)
+        self.delta.data = self.delta.data.index_select(self.column_dim, keep)
+        self.log_alpha.data = self.log_alpha.data.index_select(1, keep)
+        self.delta.grad = self.log_alpha.grad = None
+        self.kept = keep if self.kept is None else self.kept[keep]
+        self.merged_gates, self.active, self.x_index, self.active_delta = None, None, None, None
+
+    @torch.no_grad()
+    def expand_(self, dropped_logit: float) -> None:
+        """Undo :meth:`compact_`: Δ and log α back at the full input width (:meth:`full_tensors`)."""
+        self.delta.data, self.log_alpha.data = self.full_tensors(dropped_logit)
+        self.delta.grad = self.log_alpha.grad = None
+        self.kept = None
+        self.merged_gates, self.active, self.x_index, self.active_delta = None, None, None, None
 
 
 class SIMoENorm(SIMoELayer):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from simoe import objectives
+from simoe import hard_concrete, objectives
 from simoe.config import CONFIG_NAME, WEIGHTS_NAME, SIMoEConfig
 from simoe.data import template_affixes
 from simoe.layer import SIMoELayer, SIMoELinear, SIMoENorm, active_columns
@@ -247,6 +248,52 @@ class SIMoEModel(PromptRoutedModel):
             "union": entry(exp_union, int(det_union)),
         }
 
+    # ---------------------------------------------------------------- compaction
+    @torch.no_grad()
+    def compact_(self, kept: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Drop from every SIMoE linear layer's Δ and log α the input columns every expert gates off
+        (:meth:`SIMoELinear.compact_`), so that Δ and its optimizer state shrink to about the union
+        density; with ``kept`` ({layer name: input columns}, what :meth:`compacted_columns` gave),
+        keep exactly those. Noise-free gates only: a stochastic gate can be sampled on anywhere.
+        Returns {layer name: the kept columns as indices into the layer's Δ before the call}.
+        """
+        c = self.simoe_config
+        if c.gate_regime != "noise-free":
+            raise ValueError(f"compaction needs gate_regime='noise-free', not {c.gate_regime!r}: "
+                             "a stochastic gate can be sampled on in any column")
+        if hard_concrete.noise_free(torch.tensor(c.mask_logit_min)) != 0:
+            raise ValueError(f"compaction needs mask_logit_min < {hard_concrete.NOISE_FREE_ZERO:.3f} "
+                             f"(a gate of 0 for the dropped columns), got {c.mask_logit_min}")
+        local = {}
+        for name, layer in self.routed_layers():
+            if not isinstance(layer, SIMoELinear):
+                continue  # a norm's Δ is one vector: nothing worth dropping
+            if kept is None:
+                keep = layer.gates_on().any(dim=0).nonzero().squeeze(1)
+            elif layer.kept is not None:
+                raise ValueError(f"{name} is compacted already: pass kept columns to an uncompacted model")
+            else:
+                keep = kept[name].to(device=layer.delta.device, dtype=torch.long)
+            layer.compact_(keep)
+            local[name] = keep
+        return local
+
+    @torch.no_grad()
+    def expand_(self) -> None:
+        """Undo :meth:`compact_`: every layer's Δ and log α at the full width again."""
+        for _, layer in self.routed_layers():
+            if isinstance(layer, SIMoELinear) and layer.kept is not None:
+                layer.expand_(self.simoe_config.mask_logit_min)
+
+    def compacted_columns(self) -> dict[str, torch.Tensor]:
+        """{layer name: the input columns its Δ holds} for every compacted layer."""
+        return {name: layer.kept for name, layer in self.routed_layers() if layer.kept is not None}
+
+    def load_routed_weights(self, directory: str | os.PathLike) -> None:
+        if self.compacted_columns():  # the tensors would load into full-width copies, then vanish
+            raise RuntimeError("load into an uncompacted model: call expand_() first")
+        super().load_routed_weights(directory)
+
     # ---------------------------------------------------------------- persistence
     @property
     def options(self) -> SIMoEConfig:
@@ -254,11 +301,12 @@ class SIMoEModel(PromptRoutedModel):
         return self.simoe_config
 
     def routed_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors that define a SIMoE model beyond its base: Δ, log α, router."""
+        """The tensors that define a SIMoE model beyond its base: Δ, log α, router; a compacted
+        layer's at the full width (:meth:`compact_`), so every checkpoint loads the same way."""
         state = {}
         for name, layer in self.routed_layers():
-            state[f"{name}.delta"] = layer.delta
-            state[f"{name}.log_alpha"] = layer.log_alpha
+            delta, log_alpha = layer.full_tensors(self.simoe_config.mask_logit_min)
+            state[f"{name}.delta"], state[f"{name}.log_alpha"] = delta, log_alpha
         for key, value in self.router.state_dict().items():
             state[f"router.{key}"] = value
         return state

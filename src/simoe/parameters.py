@@ -56,7 +56,7 @@ def parameter_report(model: SIMoEModel) -> dict:
         "base_model": model.simoe_config.base_model_name_or_path,
         "num_experts": model.simoe_config.num_experts,
         "base_params": base,
-        "upcycled_params": sum(layer.delta.numel() for layer in layers),
+        "upcycled_params": sum(layer.base.weight.numel() for layer in layers),
         "nonzero_delta_params": delta,
         "kept_columns": sum(kept),
         "total_columns": sum(layer.in_features for layer in layers),

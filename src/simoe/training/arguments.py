@@ -53,6 +53,14 @@ class SIMoETrainingArguments(TrainingArguments):
             "a value below 1 is a fraction of the total training steps."
         },
     )
+    compact_after_warmup: bool = field(
+        default=False,
+        metadata={
+            "help": "After the sparsity warm-up, drop the input columns every expert gates off from Δ, "
+            "the mask logits and the optimizer state (they stay off): memory and the optimizer's work "
+            "fall to about the union density. Noise-free gates, one process."
+        },
+    )
 
 
 # The methods each SIMoETrainingArguments option of its own applies to (`simoe train` rejects the
@@ -63,6 +71,7 @@ TRAINING_OPTION_METHODS = {
     "lagrangian_learning_rate": ("simoe",),
     "constant_mask_learning_rate": ("simoe",),
     "sparsity_warmup_steps": ("simoe",),
+    "compact_after_warmup": ("simoe",),
 }
 
 

@@ -34,6 +34,7 @@ from simoe.objectives import (
 )
 from simoe.training.arguments import SIMoETrainingArguments
 from simoe.training.checkpoints import StagedCheckpoints
+from simoe.training.compaction import CompactAfterWarmup, load_compaction, save_compaction
 from simoe.training.console import compact_console
 from simoe.training.faults import StopOnNonFinite
 
@@ -96,6 +97,11 @@ class SIMoETrainer(StagedCheckpoints, Trainer):
         self.add_callback(_AfterOptimizerStep(self.regularizer))
         compact_console(self)
         self.add_callback(StopOnNonFinite())
+        if args.compact_after_warmup:
+            if model.simoe_config.gate_regime != "noise-free":
+                raise ValueError("compact_after_warmup needs gate_regime='noise-free': a stochastic "
+                                 "gate can be sampled on in any column")
+            self.add_callback(CompactAfterWarmup(self))
 
     # ------------------------------------------------------------------ schedules
     def router_temperature(self, step: int) -> float:
@@ -103,6 +109,10 @@ class SIMoETrainer(StagedCheckpoints, Trainer):
         c = self.model.simoe_config
         frac = min(1.0, step / max(1, self.state.max_steps - 1))
         return c.router_temperature + frac * (c.router_min_temperature - c.router_temperature)
+
+    def sparsity_warmup_steps(self) -> int:
+        """Optimizer steps over which the target density falls to its final value."""
+        return _steps(self.args.sparsity_warmup_steps, self.state.max_steps)
 
     # ------------------------------------------------------------------ optimizer and loss
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -158,7 +168,7 @@ class SIMoETrainer(StagedCheckpoints, Trainer):
         nll = outputs.loss
         # DDP averages gradients over ranks; undo that for a sum over the global batch.
         ranks = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-        self.regularizer.warmup_steps = _steps(self.args.sparsity_warmup_steps, self.state.max_steps)
+        self.regularizer.warmup_steps = self.sparsity_warmup_steps()
         reg, _ = self.regularizer(simoe.routed_layers(), step)
         routing = simoe.last_routing
         information, balance = routing_information(routing), routing_balance(routing)
@@ -249,19 +259,23 @@ class SIMoETrainer(StagedCheckpoints, Trainer):
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Only the SIMoE tensors (no base weights), λ and the tokenizer."""
+        """Only the SIMoE tensors (no base weights), λ, the compacted columns and the tokenizer."""
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
         # under FSDP / DeepSpeed, state_dict is the full state dict Trainer gathered on every rank
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
+        simoe = self.accelerator.unwrap_model(self.model)
+        simoe.save_pretrained(output_dir, state_dict=state_dict)
+        save_compaction(simoe, output_dir)
         save_state(dict(self.regularizer.named_parameters()), os.path.join(output_dir, LAGRANGIAN_NAME))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         simoe = self.accelerator.unwrap_model(self.model)
+        simoe.expand_()
         simoe.load_routed_weights(resume_from_checkpoint)
+        load_compaction(simoe, resume_from_checkpoint, self.optimizer)  # before the optimizer state
         load_state_into(dict(self.regularizer.named_parameters()),
                         os.path.join(resume_from_checkpoint, LAGRANGIAN_NAME))
 

@@ -4,8 +4,9 @@ Llama-3.2-3B-shaped and SmolLM2-135M-shaped models built from configs with rando
 download). Training variants, one optimizer step each (forward, backward, AdamW): full fine-tuning,
 LoRA r = 16 on every linear layer, SIMoE M = 8 on every linear layer with fresh masks (all columns
 on) and with 75 % of every layer's columns gated off in every expert (union density 0.25, as after
-training to the paper's sparsity). Decoding: greedy, the base against SIMoE at 0.25 with one shared
-routing (folded) and with per-prompt routings. Every figure is a ratio to a baseline measured in the
+training to the paper's sparsity), with Δ at full width and compacted (``compact_after_warmup``).
+Decoding: greedy, the base against SIMoE at 0.25 with one shared routing (folded) and with
+per-prompt routings. Every figure is a ratio to a baseline measured in the
 same run; variants run one after another (a 3B model's variants do not fit on one GPU together).
 
     python benchmarks/bench_scale.py            # a GPU: bf16, both shapes (a few minutes on an H100/H200)
@@ -78,10 +79,12 @@ def training_variants(shape: dict, dtype: torch.dtype, device: torch.device):
         params = [p for p in model.parameters() if p.requires_grad]
         return model, torch.optim.AdamW(params, lr=1e-4), lambda b: model(**b).loss
 
-    def simoe(density: float):
+    def simoe(density: float, compacted: bool = False):
         def build():
             model = (sparse_simoe(base_model(shape, dtype, device), density, num_experts=8) if density < 1
                      else upcycle(base_model(shape, dtype, device), SIMoEConfig(target_modules="all-linear")))
+            if compacted:  # what compact_after_warmup does once the warm-up has switched columns off
+                model.compact_()
             model.train()
             regularizer = objectives.SIMoERegularizer(model.simoe_config, warmup_steps=0).to(device)
             groups = model.parameter_groups()
@@ -93,7 +96,7 @@ def training_variants(shape: dict, dtype: torch.dtype, device: torch.device):
         return build
 
     return [("full FT", full), ("LoRA r=16", lora), ("SIMoE M=8, fresh masks", simoe(1.0)),
-            ("SIMoE M=8, 25% dense", simoe(0.25))]
+            ("SIMoE M=8, 25% dense", simoe(0.25)), ("SIMoE M=8, 25% dense, compacted", simoe(0.25, True))]
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss_fn, batch: dict) -> Callable[[], None]:

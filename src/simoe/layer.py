@@ -21,66 +21,7 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 from simoe import hard_concrete
-
-
-def _columns(x, merged_gates, delta, x_index, index, conv1d):
-    """x on its columns ``x_index``, and m and Δ (in x's dtype) on their columns ``index`` (None: all)."""
-    if x_index is not None:
-        x = x.index_select(-1, x_index)
-    if index is not None:
-        merged_gates = merged_gates.index_select(-1, index)
-        delta = delta.index_select(0 if conv1d else 1, index)
-    return x, merged_gates, delta.to(x.dtype)
-
-
-def _scatter(values, index, shape, dim):
-    """Put values computed on the columns ``index`` back into a zero tensor of the full shape."""
-    if index is None:
-        return values
-    return values.new_zeros(shape).index_copy_(dim % len(shape), index, values)
-
-
-class _MaskedDelta(torch.autograd.Function):
-    """Δ (m ⊙ x), computed on the active input columns only, saving x's and m's active columns.
-
-    Two savings over plain autograd. Memory: autograd would keep both x (for m's gradient) and
-    m ⊙ x (for Δ's); keeping x's active columns and recomputing m ⊙ x in backward saves one
-    activation per layer and three quarters of another at 25 % density. Compute: a column whose
-    gate is exactly 0 in every expert contributes nothing, so the extra matmuls run on the active
-    columns only: at 25 % union density they cost a quarter. Gradients at inactive columns are
-    exactly zero for Δ and x; for m they are dropped, which is exact for the parameters: those
-    gates sit in the clamp's flat region, where dz/d log α = 0, and z = 0 there, so the router's
-    gradient Σ_col (dL/dm) z gets nothing from them either.
-    ``index`` picks the active columns of m and Δ (None: all), ``x_index`` the same columns of x
-    (they differ once Δ is compacted: :meth:`SIMoELinear.compact_`).
-    Δ comes in as the fp32 parameter and is cast to x's dtype inside, so a bf16 model keeps no
-    bf16 copy of Δ for backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, merged_gates, delta, x_index, index, conv1d: bool):
-        xs, ms, ds = _columns(x, merged_gates, delta, x_index, index, conv1d)
-        ctx.save_for_backward(xs, ms, delta, x_index, index)
-        ctx.conv1d, ctx.x_shape, ctx.m_shape = conv1d, x.shape, merged_gates.shape
-        masked = xs * ms
-        return masked @ ds if conv1d else F.linear(masked, ds)
-
-    @staticmethod
-    def backward(ctx, grad):
-        xs, ms, delta, x_index, index = ctx.saved_tensors
-        conv1d = ctx.conv1d
-        ds = (delta if index is None else delta.index_select(0 if conv1d else 1, index)).to(xs.dtype)
-        grad_masked = grad @ (ds.T if conv1d else ds)
-        grad_x = grad_merged = grad_delta = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _scatter(grad_masked * ms, x_index, ctx.x_shape, -1)
-        if ctx.needs_input_grad[1]:
-            grad_merged = _scatter((grad_masked * xs).sum_to_size(ms.shape), index, ctx.m_shape, -1)
-        if ctx.needs_input_grad[2]:
-            masked, grad = (xs * ms).flatten(0, -2), grad.flatten(0, -2)
-            grad_delta = _scatter(masked.T @ grad if conv1d else grad.T @ masked, index,
-                                  delta.shape, 0 if conv1d else 1).to(delta.dtype)
-        return grad_x, grad_merged, grad_delta, None, None, None
+from simoe.masked_delta import MaskedDelta
 
 
 def active_columns(gates: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -283,7 +224,7 @@ class SIMoELinear(SIMoELayer):
             masked = x.index_select(-1, self.x_index) * merged_gates.index_select(-1, self.active)
             delta = self.active_delta.to(x.dtype)
             return y + (masked @ delta if self._conv1d else F.linear(masked, delta))
-        return y + _MaskedDelta.apply(x, merged_gates, self.delta, self.x_index, self.active, self._conv1d)
+        return y + MaskedDelta.apply(x, merged_gates, self.delta, self.x_index, self.active, self._conv1d)
 
     # ---------------------------------------------------------------- compaction
     @torch.no_grad()
@@ -319,19 +260,46 @@ class SIMoENorm(SIMoELayer):
     """Wraps any normalisation layer whose output is affine in its 1-D ``weight``.
 
     LayerNorm (n(x)·g + b), RMSNorm (n(x)·g) and Gemma's RMSNorm (n(x)·(1 + g)) all are, so
-    y(g0 + m⊙Δ) = y(g0) + m⊙Δ⊙A with A = y(1) - y(0): no norm needs its own code path.
+    y(g0 + m⊙Δ) = y(g0) + m⊙Δ⊙A with A = y(1) - y(0): no norm needs its own code path. A norm that
+    broadcasts its weight (RMSNorm's ``weight * x``) takes each example's g0 + m⊙Δ directly, in one
+    forward instead of three (``per_example_weight``, probed once when the layer is built).
     """
+
+    def __init__(self, base: nn.Module, num_experts: int, init_logit: float, init_std: float,
+                 regime: str = "noise-free"):
+        super().__init__(base, num_experts, init_logit, init_std, regime)
+        self.per_example_weight = _takes_per_example_weight(base)
 
     @property
     def in_features(self) -> int:
         return self.base.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if self.merged_gates is None:
-            return y
+            return self.base(x)
         w = self.base.weight
+        shift = self._merged_gates_for(x) * self.delta.to(x.dtype)
+        if self.per_example_weight:
+            return functional_call(self.base, {"weight": w.to(x.dtype) + shift}, (x,))
         slope = functional_call(self.base, {"weight": torch.ones_like(w)}, (x,)) - functional_call(
             self.base, {"weight": torch.zeros_like(w)}, (x,)
         )
-        return y + slope * (self._merged_gates_for(x) * self.delta.to(x.dtype))
+        return self.base(x) + slope * shift
+
+
+@torch.no_grad()
+def _takes_per_example_weight(norm: nn.Module) -> bool:
+    """Whether ``norm`` given a weight [batch, 1, n] normalises each example with its own weight, as
+    RMSNorm's ``weight * x`` does (``F.layer_norm`` insists on a weight of the normalised shape)."""
+    w = norm.weight
+    if w.is_meta:
+        return False
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, w.shape[0], generator=g).to(w.device, w.dtype)
+    weights = (1 + torch.randn(2, 1, w.shape[0], generator=g)).to(w.device, w.dtype)
+    try:
+        y = functional_call(norm, {"weight": weights}, (x,))
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    each = torch.cat([functional_call(norm, {"weight": weights[b, 0]}, (x[b : b + 1],)) for b in range(2)])
+    return y.shape == each.shape and torch.allclose(y, each)

@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.pytorch_utils import Conv1D
 
 from simoe import SIMoEConfig, SIMoELinear, SIMoENorm, upcycle
-from simoe.layer import _MaskedDelta
+from simoe.masked_delta import MaskedDelta
 
 M, B, T = 5, 4, 7
 
@@ -64,8 +64,11 @@ def test_gpt2_conv1d():
 
 
 def test_norms_layernorm_rmsnorm_and_gemma_offset_rmsnorm():
-    for norm in (nn.LayerNorm(10), LlamaRMSNorm(10), Gemma3RMSNorm(10)):
-        _check_layer(SIMoENorm(norm, M, 3.0, 0.1), torch.randn(B, T, 10), True)
+    """Both paths: RMSNorms take a per-example weight in one forward, LayerNorm needs three."""
+    for norm, one_forward in ((nn.LayerNorm(10), False), (LlamaRMSNorm(10), True), (Gemma3RMSNorm(10), True)):
+        layer = SIMoENorm(norm, M, 3.0, 0.1)
+        assert layer.per_example_weight == one_forward, type(norm).__name__
+        _check_layer(layer, torch.randn(B, T, 10), True)
     # q/k norms see [batch, seq, heads, head_dim]
     _check_layer(SIMoENorm(LlamaRMSNorm(6), M, 3.0, 0.1), torch.randn(B, T, 3, 6), False)
 
@@ -104,7 +107,7 @@ def test_masked_delta_gradients_equal_autograd_reference():
         for conv1d, shape in ((False, (6, columns)), (True, (columns, 6))):
             delta = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
             assert torch.autograd.gradcheck(
-                lambda x, m, d: _MaskedDelta.apply(x, m, d, x_index, index, conv1d),  # noqa: B023
+                lambda x, m, d: MaskedDelta.apply(x, m, d, x_index, index, conv1d),  # noqa: B023
                 (x, merged, delta))
 
 
@@ -121,7 +124,7 @@ def test_active_columns_path_equals_dense_path():
         grad_out = torch.randn(3, 4, 5, generator=g)
         results = []
         for cols in (None, active):
-            y = _MaskedDelta.apply(x, merged, delta, cols, cols, conv1d)
+            y = MaskedDelta.apply(x, merged, delta, cols, cols, conv1d)
             results.append((y, *torch.autograd.grad(y, (x, merged, delta), grad_out)))
         (y0, gx0, gm0, gd0), (y1, gx1, gm1, gd1) = results
         assert torch.allclose(y0, y1, atol=1e-6) and torch.allclose(gx0, gx1, atol=1e-6)

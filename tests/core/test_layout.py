@@ -14,9 +14,9 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "simoe"
 LAYERS = [
     {"simoe.io", "simoe.config_base", "simoe.extras"},
     {"simoe.data"},
-    {"simoe.config", "simoe.hard_concrete", "simoe.layer", "simoe.router", "simoe.targets",
-     "simoe.objectives", "simoe.routed_model", "simoe.model", "simoe.model_card", "simoe.parameters",
-     "simoe.hub"},
+    {"simoe.config", "simoe.hard_concrete", "simoe.masked_delta", "simoe.layer", "simoe.router",
+     "simoe.targets", "simoe.objectives", "simoe.routed_model", "simoe.model", "simoe.model_card",
+     "simoe.parameters", "simoe.hub"},
     {"simoe.baselines"},
     {"simoe.training", "simoe.inference"},
     {"simoe.evaluation"},

@@ -75,7 +75,8 @@ def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_state_into(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Copy the tensors saved at ``path`` into ``state``'s tensors (in place), refusing any mismatch."""
+    """Copy the tensors saved at ``path`` into ``state``'s tensors (in place), refusing any mismatch;
+    a sharded tensor (FSDP2 DTensor) gets its shard of the saved whole one."""
     loaded = read_state(path)
     missing, unexpected = sorted(state.keys() - loaded.keys()), sorted(loaded.keys() - state.keys())
     if missing or unexpected:
@@ -85,7 +86,18 @@ def load_state_into(state: dict[str, torch.Tensor], path: str | os.PathLike) -> 
         if tensor.shape != loaded[key].shape:
             raise ValueError(f"{path}: {key} has shape {tuple(loaded[key].shape)}, "
                              f"the model expects {tuple(tensor.shape)}")
-        tensor.copy_(loaded[key])
+        tensor.copy_(_as_held_by(tensor, loaded[key]))
+
+
+def _as_held_by(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) in the form ``target`` has: for an FSDP2-sharded DTensor, this rank's
+    shard of it (no communication: every rank read the whole file)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(target, DTensor):
+        return value
+    return distribute_tensor(value.to(target.device), target.device_mesh, target.placements,
+                             src_data_rank=None)
 
 
 def load_json_object(path: str | os.PathLike) -> dict:

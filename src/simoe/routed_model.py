@@ -8,6 +8,7 @@ and saving / loading their own tensors beside the base.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -224,6 +225,23 @@ def _is_sharded(state: dict[str, torch.Tensor]) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(value, DTensor) for value in state.values())
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module) -> Iterator[None]:
+    """Inside this context every FSDP2-sharded parameter of ``model`` is whole, for code that reads
+    the trainable tensors outside a forward (the trainer's metrics, a sparsity report): a collective
+    that every rank must join. Sharded again on exit; a no-op for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Saving a sharded model: FSDP2's DTensors are gathered into whole tensors (2 processes, gloo on
-CPU), and a full state dict handed over by a trainer (as Trainer does under FSDP / DeepSpeed) is
-where the routed tensors are taken from."""
+CPU), read whole inside ``unsharded`` and loaded back into the shards; a full state dict handed over
+by a trainer (as Trainer does under FSDP / DeepSpeed) is where the routed tensors are taken from."""
 
 import os
 import subprocess
@@ -19,19 +19,24 @@ TESTS = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_an_fsdp2_sharded_model_saves_whole_tensors(tmp_path):
+def test_an_fsdp2_sharded_model_saves_reads_and_loads_whole_tensors(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544",
            str(TESTS / "shard_tiny.py"), str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reference = load_file(tmp_path / "reference.safetensors")
-    saved = load_file(tmp_path / "gathered" / WEIGHTS_NAME)
-    assert saved.keys() == reference.keys()
-    for key, tensor in reference.items():
-        assert torch.equal(saved[key], tensor), key
+    for saved in (load_file(tmp_path / "gathered" / WEIGHTS_NAME),  # saved, gathered
+                  load_file(tmp_path / "reloaded" / WEIGHTS_NAME)):  # loaded into the shards, saved again
+        assert saved.keys() == reference.keys()
+        for key, tensor in reference.items():
+            assert torch.equal(saved[key], tensor), key
+    whole = load_file(tmp_path / "unsharded.safetensors")  # the layers' tensors read inside unsharded()
+    assert whole and all(torch.equal(tensor, reference[key]) for key, tensor in whole.items())
     loaded = SIMoEModel.from_pretrained(tiny_model("llama"), tmp_path / "gathered")
     assert all(torch.equal(loaded.routed_state_dict()[k], reference[k]) for k in reference)
+    union = loaded.sparsity_report()["union"]["deterministic_density"]
+    assert load_file(tmp_path / "report.safetensors")["union"].item() == pytest.approx(union)
 
 
 def test_routed_tensors_are_taken_from_a_full_state_dict_when_one_is_given(tmp_path):

@@ -1,42 +1,16 @@
 """SIMoETrainer: exact resume after a kill, data-parallel equivalence, the objective at work."""
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_training, same_logs, same_weights
 from safetensors.torch import load_file
-
-TESTS = Path(__file__).parents[1]  # tests/: train_tiny.py and conftest.py
-ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _train(out: Path, launcher: list[str] | None = None, check: bool = True, **opts) -> dict[int, dict]:
-    cmd = [*(launcher or [sys.executable]), str(TESTS / "train_tiny.py"), str(out), json.dumps(opts)]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-3000:])
-    return _log(out)
-
-
-def _log(out: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "loss" in r}
-
-
-def _same(a: dict, b: dict, keys=("loss", "nll", "grad_norm", "lambda1", "density/union_expected")) -> None:
-    for k in keys:
-        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (k, a[k], b[k])
-
-
-def _same_weights(a: Path, b: Path, rtol: float, atol: float = 1e-6) -> None:
-    a, b = load_file(a / "simoe_model.safetensors"), load_file(b / "simoe_model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+    return run_training("train_tiny.py", out, launcher, check, **opts)
 
 
 @pytest.mark.slow
@@ -57,10 +31,10 @@ def test_killed_run_resumes_exactly(tmp_path):
     resumed = _train(killed_dir, max_steps=8, resume=str(ckpt))
     assert sorted(resumed) == [5, 6, 7, 8]
     for step in range(1, 6):
-        _same(proc_log[step], full[step])
+        same_logs(proc_log[step], full[step])
     for step in resumed:
-        _same(resumed[step], full[step])
-    _same_weights(tmp_path / "full/final", killed_dir / "final", rtol=1e-5)
+        same_logs(resumed[step], full[step])
+    same_weights(tmp_path / "full/final", killed_dir / "final", rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -71,10 +45,10 @@ def test_two_process_gloo_run_equals_one_process_with_the_same_global_batch(tmp_
     two = _train(tmp_path / "two", launcher=torchrun, max_steps=3, batch=2)
     assert sorted(two) == [1, 2, 3]
     for step in one:
-        _same(one[step], two[step])
+        same_logs(one[step], two[step])
     # all-reduce sums in another order; Adam's division by √v turns that into ~1e-6 on log α and the
     # router's small output weights (values 0.4 and 0.03)
-    _same_weights(tmp_path / "one/final", tmp_path / "two/final", rtol=1e-4, atol=1e-5)
+    same_weights(tmp_path / "one/final", tmp_path / "two/final", rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -82,7 +56,7 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     whole = _train(tmp_path / "whole", max_steps=3, batch=4)
     accumulated = _train(tmp_path / "acc", max_steps=3, batch=2, accumulation=2)
     for step in whole:
-        _same(whole[step], accumulated[step])
+        same_logs(whole[step], accumulated[step])
 
 
 @pytest.mark.slow
@@ -130,7 +104,7 @@ def test_training_lowers_the_nll_and_meets_the_sparsity_target(tmp_path, regime)
     assert nll_eval == pytest.approx(nll_train.item(), rel=0.02)
 
 
-def test_console_shows_one_compact_line_per_log(tmp_path, capsys):
+def test_console_shows_one_compact_line_pertraining_log(tmp_path, capsys):
     from conftest import tiny_model
     from train_tiny import collate, dataset
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -175,7 +149,8 @@ def test_mask_and_lagrangian_learning_rates_stay_constant(tmp_path, constant):
                                   use_cpu=True, disable_tqdm=True)
     trainer = SIMoETrainer(model, args, train_dataset=dataset(16), data_collator=collate)
     trainer.train()
-    lrs = [group["lr"] for group in trainer.optimizer.param_groups]
+    lrs = [group["lr"] for group in trainer.optimizer.param_groups]  # Δ, mask logits, router
+    lrs += [group["lr"] for group in trainer.lagrangian_optimizer.param_groups]  # λ
     assert lrs[0] == pytest.approx(0.0) and lrs[2] == pytest.approx(0.0)  # Δ and router: decayed to 0
     if constant:
         assert lrs[1] == 0.05 and lrs[3] == 0.2

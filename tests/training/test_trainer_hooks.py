@@ -16,6 +16,7 @@ PINNED = {  # method: its parameters in transformers' Trainer
     "_load_from_checkpoint": ["self", "resume_from_checkpoint", "model"],
     "_save_rng_state": ["self", "output_dir"],
     "_load_rng_state": ["self", "checkpoint"],
+    "_load_optimizer_and_scheduler": ["self", "checkpoint"],
 }
 
 

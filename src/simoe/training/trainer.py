@@ -32,6 +32,7 @@ from simoe.objectives import (
     routing_entropy,
     routing_information,
 )
+from simoe.routed_model import unsharded
 from simoe.training.arguments import SIMoETrainingArguments
 from simoe.training.checkpoints import StagedCheckpoints
 from simoe.training.compaction import CompactAfterWarmup, load_compaction, save_compaction
@@ -47,7 +48,10 @@ LAGRANGIAN_NAME = "simoe_lagrangian.safetensors"
 GATE_RNG_NAME = "simoe_gate_rng.safetensors"
 
 
-_MASK_GROUP, _LAGRANGIAN_GROUP = 1, 3  # positions in SIMoETrainer.create_optimizer's param groups
+LAGRANGIAN_OPTIMIZER_NAME = "simoe_lagrangian_optimizer.pt"
+
+
+_MASK_GROUP = 1  # position in SIMoETrainer.create_optimizer's param groups
 
 
 def _constant(step: int) -> float:
@@ -59,17 +63,23 @@ def _steps(value: float, total: int) -> int:
 
 
 class _AfterOptimizerStep(TrainerCallback):
-    """Clamp log α into range (clamping data keeps gradients alive), reset λ1 where its constraint
-    is met (``SparsityLagrangian.release_met``) and clear λ's gradients,
-    which Trainer's ``model.zero_grad()`` does not reach: λ lives beside the model, not in it."""
+    """Step λ (its own optimizer), clamp log α into range (clamping data keeps gradients alive),
+    reset λ1 where its constraint is met (``SparsityLagrangian.release_met``) and clear λ's
+    gradients, which Trainer's ``model.zero_grad()`` does not reach: λ lives beside the model."""
 
-    def __init__(self, regularizer: SIMoERegularizer):
-        self.regularizer = regularizer
+    def __init__(self, trainer: SIMoETrainer):
+        self.trainer = trainer
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.trainer.sync_lagrangian_lr()  # the step's learning rate, as the model's optimizer had it
+        self.trainer.lagrangian_optimizer.step()
         model.clamp_mask_logits_()
-        self.regularizer.lagrangian.release_met()
-        self.regularizer.zero_grad(set_to_none=True)
+        regularizer = self.trainer.regularizer
+        regularizer.lagrangian.release_met()
+        regularizer.zero_grad(set_to_none=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.sync_lagrangian_lr()  # after the scheduler's step, like the model's groups
 
 
 class SIMoETrainer(StagedCheckpoints, Trainer):
@@ -88,13 +98,20 @@ class SIMoETrainer(StagedCheckpoints, Trainer):
         self._loss_shifts_labels = True
         self.loss_is_scaled_for_ga = True
         self.regularizer = SIMoERegularizer(model.simoe_config, warmup_steps=0).to(args.device)
+        # λ lives beside the model, so it has an optimizer of its own: the one Trainer hands to
+        # accelerate may hold only the model's tensors, which FSDP2 / DeepSpeed swap for their shards
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        optimizer_kwargs.pop("lr", None)
+        self.lagrangian_optimizer = optimizer_cls(
+            [{"params": list(self.regularizer.parameters()), "lr": args.lagrangian_learning_rate,
+              "weight_decay": 0.0}], **optimizer_kwargs)
         model.seed_gates(args.seed)  # the same seed on every rank: identical gate noise
         self._gate_step, self._gate_state = -1, None
         # Since the last log: [NLL sum, response tokens, router-entropy sum, examples, routing
         # information sum, micro-batches, train-gate NLL sum, eval-gate NLL sum, tokens, routing
         # balance sum]; slots 6-8 cover the batches of logging steps only (see gate_gap)
         self._window = torch.zeros(10, dtype=torch.float64, device=args.device)
-        self.add_callback(_AfterOptimizerStep(self.regularizer))
+        self.add_callback(_AfterOptimizerStep(self))
         compact_console(self)
         self.add_callback(StopOnNonFinite())
         if args.compact_after_warmup:
@@ -123,8 +140,6 @@ class SIMoETrainer(StagedCheckpoints, Trainer):
                 {"params": groups["mask_logits"], "lr": a.mask_learning_rate, "weight_decay": 0.0},
                 {"params": groups["router"], "lr": a.router_learning_rate or a.learning_rate,
                  "weight_decay": a.weight_decay},
-                {"params": list(self.regularizer.parameters()), "lr": a.lagrangian_learning_rate,
-                 "weight_decay": 0.0},
             ]
             optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(a, self.model)
             optimizer_kwargs.pop("lr", None)  # every group sets its own
@@ -133,7 +148,7 @@ class SIMoETrainer(StagedCheckpoints, Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """Trainer's schedule for Δ and the router; with ``constant_mask_learning_rate``, constant
-        learning rates for the mask logits and λ (the sparsity controller)."""
+        learning rates for the mask logits and λ (the sparsity controller; see sync_lagrangian_lr)."""
         created = self.lr_scheduler is None
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         if created and self.args.constant_mask_learning_rate:
@@ -141,11 +156,18 @@ class SIMoETrainer(StagedCheckpoints, Trainer):
                 raise ValueError(f"constant_mask_learning_rate needs a LambdaLR schedule, and "
                                  f"lr_scheduler_type={self.args.lr_scheduler_type!r} is not one; pass "
                                  "--constant_mask_learning_rate false")
-            for i in (_MASK_GROUP, _LAGRANGIAN_GROUP):
-                scheduler.lr_lambdas[i] = _constant
-                scheduler.optimizer.param_groups[i]["lr"] = scheduler.base_lrs[i]
+            scheduler.lr_lambdas[_MASK_GROUP] = _constant
+            scheduler.optimizer.param_groups[_MASK_GROUP]["lr"] = scheduler.base_lrs[_MASK_GROUP]
             scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
         return scheduler
+
+    def sync_lagrangian_lr(self) -> None:
+        """λ's learning rate: ``lagrangian_learning_rate``, times the schedule's current factor (Δ's
+        learning rate over its base) unless ``constant_mask_learning_rate``."""
+        a, factor = self.args, 1.0
+        if not a.constant_mask_learning_rate and a.learning_rate > 0:
+            factor = self.optimizer.param_groups[0]["lr"] / a.learning_rate
+        self.lagrangian_optimizer.param_groups[0]["lr"] = a.lagrangian_learning_rate * factor
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         simoe = self.accelerator.unwrap_model(model)
@@ -226,6 +248,10 @@ class SIMoETrainer(StagedCheckpoints, Trainer):
     @torch.no_grad()
     def simoe_metrics(self) -> dict[str, float]:
         """NLL and router entropy since the last log (all ranks), and the SIMoE state now."""
+        with unsharded(self.model):  # FSDP2: log α whole (every rank logs)
+            return self._simoe_metrics()
+
+    def _simoe_metrics(self) -> dict[str, float]:
         window = self.accelerator.reduce(self._window.clone(), reduction="sum")
         self._window.zero_()
         simoe = self.accelerator.unwrap_model(self.model)
@@ -268,6 +294,8 @@ class SIMoETrainer(StagedCheckpoints, Trainer):
         simoe.save_pretrained(output_dir, state_dict=state_dict)
         save_compaction(simoe, output_dir)
         save_state(dict(self.regularizer.named_parameters()), os.path.join(output_dir, LAGRANGIAN_NAME))
+        torch.save(self.lagrangian_optimizer.state_dict(),
+                   os.path.join(output_dir, LAGRANGIAN_OPTIMIZER_NAME))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
@@ -276,8 +304,17 @@ class SIMoETrainer(StagedCheckpoints, Trainer):
         simoe.expand_()
         simoe.load_routed_weights(resume_from_checkpoint)
         load_compaction(simoe, resume_from_checkpoint, self.optimizer)  # before the optimizer state
-        load_state_into(dict(self.regularizer.named_parameters()),
-                        os.path.join(resume_from_checkpoint, LAGRANGIAN_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Trainer's, then λ and its optimizer: here rather than in ``_load_from_checkpoint``, which
+        Trainer skips under DeepSpeed (whose own checkpoint restores the model's tensors)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        load_state_into(dict(self.regularizer.named_parameters()), os.path.join(checkpoint, LAGRANGIAN_NAME))
+        path = os.path.join(checkpoint, LAGRANGIAN_OPTIMIZER_NAME)
+        if os.path.isfile(path):  # the optimizer moves its state to λ's device
+            self.lagrangian_optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)

@@ -2,7 +2,8 @@
 
 A SmolLM2-135M-shaped Llama from a config (random weights), batch 4 x 256; SIMoE M = 8 on every
 linear layer and norm at 25 % union density (``bench_decode.sparse_simoe``), with the regulariser
-SIMoETrainer adds. Prints each variant's step time and its operators by self time.
+SIMoETrainer adds, with Δ at full width and compacted (``compact_after_warmup``). Prints each
+variant's step time and its operators by self time.
 
     python benchmarks/profile_step.py [--quick] [--steps 3] [--top 15]
 """
@@ -33,7 +34,7 @@ def main() -> None:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     variants = dict(training_variants(shape, dtype, device))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for name in ("full FT", "SIMoE M=8, 25% dense"):
+    for name in ("full FT", "SIMoE M=8, 25% dense", "SIMoE M=8, 25% dense, compacted"):
         model, optimizer, loss_fn = variants[name]()
         batch_for = {**inputs, "prompt_mask": prompt_mask.to(device)} if name.startswith("SIMoE") else inputs
         step = optimizer_step(optimizer, loss_fn, batch_for)

@@ -8,6 +8,10 @@ from tests/, finds it the same way) and never import each other.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -214,3 +218,45 @@ def tiny_dir(tmp_path_factory) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+TESTS = Path(__file__).parent
+TRAINING_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+
+
+def run_training(script: str, out: Path, launcher: list[str] | None = None, check: bool = True,
+                 **opts) -> dict[int, dict]:
+    """Run ``tests/<script> OUT '<opts as JSON>'`` (under ``launcher``: torchrun, accelerate launch;
+    default this Python) and return its log lines by step (:func:`training_log`)."""
+    cmd = [*(launcher or [sys.executable]), str(TESTS / script), str(out), json.dumps(opts)]
+    proc = subprocess.run(cmd, env=TRAINING_ENV, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return training_log(out)
+
+
+def training_log(out: Path) -> dict[int, dict]:
+    """The training log lines (``out/log.jsonl``) by step."""
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+LOGGED = ("loss", "nll", "grad_norm", "lambda1", "density/union_expected")
+WEIGHTS_FILE = "simoe_model.safetensors"
+
+
+def same_logs(a: dict, b: dict, keys: tuple[str, ...] = LOGGED) -> None:
+    """Two training runs' log lines for one step agree (to float rounding)."""
+    for k in keys:
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (k, a[k], b[k])
+
+
+def same_weights(a: Path, b: Path, rtol: float, atol: float = 1e-6) -> None:
+    """Two saved SIMoE directories hold the same tensors, whole (shapes checked too)."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(a / WEIGHTS_FILE), load_file(b / WEIGHTS_FILE)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)

@@ -2,18 +2,14 @@
 after the warm-up, a compacted run resumes exactly, and the model it ends with is an ordinary one."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_simoe, train_without_dropout
+from conftest import run_training, same_logs, same_weights, tiny_simoe, train_without_dropout
 
 from simoe.layer import SIMoELinear
 from simoe.training.compaction import COMPACTION_NAME, compact
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_trainer import _same, _same_weights, _train  # noqa: E402
 
 IDS = torch.tensor([[5, 9, 3, 7, 11, 4, 6], [8, 2, 6, 12, 10, 3, 9]])
 
@@ -65,7 +61,7 @@ def test_compact_after_warmup_shrinks_the_state_resumes_exactly_and_ends_with_an
     from simoe.io import read_state
 
     opts = {"max_steps": 8, "save_steps": 2, "compact": True, "warmup": 4, "quarter_off": True}
-    full = _train(tmp_path / "full", **opts)
+    full = run_training("train_tiny.py", tmp_path / "full", **opts)
     sizes = _sizes(tmp_path / "full")  # Δ and log α entries at each step's end
     # compacted at the end of step 4, the warm-up's: Δ and log α shrink to the columns still on
     assert sizes[1] == sizes[3] and sizes[4] <= 0.8 * sizes[3] and len({sizes[s] for s in range(4, 9)}) == 1
@@ -76,10 +72,10 @@ def test_compact_after_warmup_shrinks_the_state_resumes_exactly_and_ends_with_an
 
     for start in ("checkpoint-2", "checkpoint-4"):  # before and after the compaction
         out = tmp_path / f"from-{start}"
-        resumed = _train(out, resume=str(tmp_path / "full" / start), **opts)
+        resumed = run_training("train_tiny.py", out, resume=str(tmp_path / "full" / start), **opts)
         for step in resumed:
-            _same(resumed[step], full[step])
-        _same_weights(tmp_path / "full/final", out / "final", rtol=1e-5)
+            same_logs(resumed[step], full[step])
+        same_weights(tmp_path / "full/final", out / "final", rtol=1e-5)
 
     # the final model is an ordinary SIMoE model: the dropped columns' gates are 0
     from conftest import tiny_model

@@ -10,6 +10,10 @@ differs between variants. Variants, interleaved, median over repeats:
   ``generate`` folds the experts into the weights;
 * SIMoE, per-prompt routings: each prompt has its own routing (what the router gives a batch).
 
+Each call is timed at ``--new_tokens`` and at twice as many: the difference is the cost of the
+extra tokens alone (per token), apart from what a call pays once (the prompt's forward, routing,
+folding the experts into the weights and restoring them).
+
     python benchmarks/bench_decode.py [--quick]
 """
 
@@ -67,33 +71,36 @@ def main() -> None:
     mask = torch.ones_like(ids)
     shared = torch.softmax(torch.randn(1, m), dim=-1).expand(args.batch, m)
     mixed = torch.softmax(torch.randn(args.batch, m) * 2, dim=-1)
-    kwargs = dict(attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                  do_sample=False, pad_token_id=0)
     variants = {
-        "base": lambda: reference.generate(input_ids=ids, **kwargs),
-        "SIMoE, one routing (folded)": lambda: model.generate(input_ids=ids, routing=shared, **kwargs),
-        "SIMoE, per-prompt routings": lambda: model.generate(input_ids=ids, routing=mixed, **kwargs),
+        "base": lambda **kw: reference.generate(input_ids=ids, **kw),
+        "SIMoE, one routing (folded)": lambda **kw: model.generate(input_ids=ids, routing=shared, **kw),
+        "SIMoE, per-prompt routings": lambda **kw: model.generate(input_ids=ids, routing=mixed, **kw),
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    lengths = (args.new_tokens, 2 * args.new_tokens)
+    times = {(name, n): [] for name in variants for n in lengths}
     with torch.inference_mode():
-        for run in variants.values():
-            run()  # warm-up
-        for _ in range(repeats):
+        for _ in range(repeats + 1):  # the first round warms up
             for name, run in variants.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-    tokens = args.batch * args.new_tokens
+                for n in lengths:
+                    start = time.perf_counter()
+                    run(attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                        pad_token_id=0)
+                    times[name, n].append(time.perf_counter() - start)
+    median = {key: statistics.median(ts[1:]) for key, ts in times.items()}
+    short, long = lengths
     params = sum(p.numel() for p in reference.parameters())
     print(f"\n### greedy decoding: {'tiny' if args.quick else 'SmolLM2-135M'}-shaped Llama ({params:,} "
-          f"params), {args.batch} prompts x {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+          f"params), {args.batch} prompts x {args.prompt_len} tokens, {short} new tokens, "
           f"{args.threads} threads, median of {repeats}\n")
-    print("| variant | tokens / s | s per call | vs base (time) |")
-    print("|---|---:|---:|---:|")
-    base_time = statistics.median(times["base"])
-    for name, ts in times.items():
-        t = statistics.median(ts)
-        print(f"| {name} | {tokens / t:.1f} | {t:.2f} | {t / base_time:.2f}x |")
+    print(f"| variant | tokens / s | s per call | vs base (time) | ms per extra token ({short} -> {long}) "
+          "| vs base (per token) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    per_token = {name: (median[name, long] - median[name, short]) / (args.batch * (long - short))
+                 for name in variants}
+    for name in variants:
+        t = median[name, short]
+        print(f"| {name} | {args.batch * short / t:.1f} | {t:.2f} | {t / median['base', short]:.2f}x "
+              f"| {1e3 * per_token[name]:.1f} | {per_token[name] / per_token['base']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ For a 1-D tensor g (a norm weight) there is one gate per element: g(x) = g0 + m 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -137,6 +139,27 @@ class SIMoELayer(nn.Module):
         return 1 if self.delta.dim() == 2 and not isinstance(self.base, Conv1D) else 0
 
     @torch.no_grad()
+    def fold_(self, merged_gates: torch.Tensor, in_place: bool = True) -> Callable[[], None]:
+        """Make the base weight W0 + Δ·diag(m) for one routing's merged gates m [Δ's columns]; returns
+        the function that puts W0 back, bit for bit. In place, on the columns where m ≠ 0 only (work
+        and memory ∝ density); ``in_place=False`` (a weight another module shares, e.g. tied) swaps
+        in a new tensor from :meth:`folded_weight` instead."""
+        weight = self.base.weight
+        if not in_place:
+            self.base.weight = nn.Parameter(self.folded_weight(merged_gates), requires_grad=False)
+            return lambda: setattr(self.base, "weight", weight)
+        dim = self.column_dim
+        columns = merged_gates.nonzero().squeeze(1)
+        weight_columns = columns if self.kept is None else self.kept[columns]
+        original = weight.index_select(dim, weight_columns)
+        m = merged_gates[columns].float()
+        if self.delta.dim() == 2:
+            m = m.unsqueeze(1 - dim)
+        folded = original.float() + self.delta.index_select(dim, columns) * m
+        weight.index_copy_(dim, weight_columns, folded.to(weight.dtype))
+        return lambda: weight.index_copy_(dim, weight_columns, original)
+
+    @torch.no_grad()
     def folded_weight(self, merged_gates: torch.Tensor) -> torch.Tensor:
         """The base weight with one routing's merged experts folded in, a new tensor in the weight's
         dtype: W0 + Δ·diag(m) (Conv1D, weight in x out: diag(m)·Δ; a norm: g0 + m ⊙ Δ), m [in]."""
@@ -160,9 +183,10 @@ class SIMoELayer(nn.Module):
         full_log_alpha = log_alpha.new_full((log_alpha.shape[0], self.in_features), dropped_logit)
         return full_delta, full_log_alpha.index_copy_(1, self.kept, log_alpha)
 
-    def _merged_gates_for(self, x: torch.Tensor) -> torch.Tensor:
-        """The merged gates m = r @ z shaped to broadcast over x ([batch, ..., in_features])."""
-        m = self.merged_gates
+    def _merged_gates_for(self, x: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+        """The merged gates m = r @ z (or ``m``, some of their columns) shaped to broadcast over x
+        ([batch, ..., columns])."""
+        m = self.merged_gates if m is None else m
         if x.shape[0] != m.shape[0]:
             # generate() with num_beams / num_return_sequences repeats each prompt in place.
             if x.shape[0] % m.shape[0]:
@@ -188,6 +212,7 @@ class SIMoELinear(SIMoELayer):
         self.active: torch.Tensor | None = None  # Δ's columns with a non-zero gate; None: all
         self.x_index: torch.Tensor | None = None  # the input columns they read; None: all
         self.active_delta: torch.Tensor | None = None  # eval mode: Δ on them, gathered once
+        self.active_merged_gates: torch.Tensor | None = None  # eval mode: m on them, gathered once
 
     @property
     def _conv1d(self) -> bool:
@@ -203,12 +228,13 @@ class SIMoELinear(SIMoELayer):
         gathered on them."""
         self.active = active
         self.x_index = self.kept if active is None else active if self.kept is None else self.kept[active]
-        self.active_delta = None
+        self.active_delta = self.active_merged_gates = None
         if not self.training and self.active is not None:
-            # decoding reads Δ once per token: gather its active columns once per routing instead
+            # decoding reads Δ and m once per token: gather their active columns once per routing
             with torch.no_grad():
                 self.active_delta = self.delta.index_select(self.column_dim, self.active).to(
                     self.base.weight.dtype)
+                self.active_merged_gates = self.merged_gates.index_select(-1, self.active)
 
     @property
     def in_features(self) -> int:
@@ -219,14 +245,19 @@ class SIMoELinear(SIMoELayer):
         y = self.base(x)
         if self.merged_gates is None:
             return y
-        merged_gates = self._merged_gates_for(x)
         if self.active_delta is not None and not torch.is_grad_enabled():
-            masked = x.index_select(-1, self.x_index) * merged_gates.index_select(-1, self.active)
+            masked = x.index_select(-1, self.x_index) * self._merged_gates_for(x, self.active_merged_gates)
             delta = self.active_delta.to(x.dtype)
             return y + (masked @ delta if self._conv1d else F.linear(masked, delta))
-        return y + MaskedDelta.apply(x, merged_gates, self.delta, self.x_index, self.active, self._conv1d)
+        return y + MaskedDelta.apply(x, self._merged_gates_for(x), self.delta, self.x_index, self.active,
+                                     self._conv1d)
 
     # ---------------------------------------------------------------- compaction
+    def _forget_routing(self) -> None:
+        """Drop the merged gates and what was gathered for them (set_routing sets them again)."""
+        self.merged_gates, self.active, self.x_index = None, None, None
+        self.active_delta = self.active_merged_gates = None
+
     @torch.no_grad()
     def compact_(self, keep: torch.Tensor) -> None:
         """Keep only Δ's and log α's columns ``keep`` (sorted indices into their current columns).
@@ -245,7 +276,7 @@ class SIMoELinear(SIMoELayer):
         self.log_alpha.data = self.log_alpha.data.index_select(1, keep)
         self.delta.grad = self.log_alpha.grad = None
         self.kept = keep if self.kept is None else self.kept[keep]
-        self.merged_gates, self.active, self.x_index, self.active_delta = None, None, None, None
+        self._forget_routing()
 
     @torch.no_grad()
     def expand_(self, dropped_logit: float) -> None:
@@ -253,7 +284,7 @@ class SIMoELinear(SIMoELayer):
         self.delta.data, self.log_alpha.data = self.full_tensors(dropped_logit)
         self.delta.grad = self.log_alpha.grad = None
         self.kept = None
-        self.merged_gates, self.active, self.x_index, self.active_delta = None, None, None, None
+        self._forget_routing()
 
 
 class SIMoENorm(SIMoELayer):

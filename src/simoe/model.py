@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -35,8 +36,8 @@ class SIMoEModel(PromptRoutedModel):
     _folded = False  # inside folded(): the routing lives in the layers' weights
     # What training recorded for the model card (the recipe sets it): data, examples, steps, load.
     training_record: dict | None = None
-    # generate() folds a routing shared by the whole batch into the weights (base speed, one extra
-    # copy of the targeted weights while it runs); False: decode it on the masked path instead.
+    # generate() folds a routing shared by the whole batch into the weights (base speed; a copy of
+    # the weight columns it overwrites while it runs); False: decode it on the masked path instead.
     fold_shared_routing = True
 
     def __init__(self, base_model: PreTrainedModel, config: SIMoEConfig):
@@ -195,26 +196,27 @@ class SIMoEModel(PromptRoutedModel):
     @contextlib.contextmanager
     def folded(self, routing: torch.Tensor) -> Iterator[None]:
         """Inside this context the model runs at the base model's cost for one routing [M]: every
-        SIMoE layer's base weight is swapped for W0 + Δ·diag(m), m = routing @ (evaluation gates),
-        and the layer computes just its base. On exit, also after an exception, the original weight
-        tensors are back (the same objects, never written to). Eval mode only; it holds one extra
-        copy of the targeted weights while it lasts.
+        SIMoE layer's base weight holds W0 + Δ·diag(m), m = routing @ (evaluation gates), and the
+        layer computes just its base (:meth:`SIMoELayer.fold_`). On exit, also after an exception,
+        the original weights are back, bit for bit (the same tensor objects). Eval mode only; while
+        it lasts it holds a copy of the weight columns it overwrote (about the union density).
         """
         if self.training:
             raise RuntimeError("folded() is for evaluation: call model.eval() first")
         routing = self.checked_routing(routing.reshape(1, -1), self.simoe_config.num_experts)[0]
-        swapped = []
+        params = self.base_model.named_parameters(remove_duplicate=False)
+        holders = collections.Counter(id(p) for _, p in params)
+        restores = []
         self._folded = True
         try:
             with self.bypass():  # the layers compute just their (folded) base
                 for _, layer in self.routed_layers():
-                    folded = layer.folded_weight(routing @ layer.eval_gates())
-                    swapped.append((layer, layer.base.weight))
-                    layer.base.weight = nn.Parameter(folded, requires_grad=False)
+                    tied = holders[id(layer.base.weight)] > 1  # written in place, another module would see it
+                    restores.append(layer.fold_(routing @ layer.eval_gates(), in_place=not tied))
                 yield
         finally:
-            for layer, weight in reversed(swapped):
-                layer.base.weight = weight
+            for restore in reversed(restores):
+                restore()
             self._folded = False
 
     def model_card(self) -> str:

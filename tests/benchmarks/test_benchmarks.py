@@ -15,7 +15,8 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 @pytest.mark.parametrize("script, headers", [
     ("bench_decode.py", ["| base |", "| SIMoE, one routing (folded) |", "| SIMoE, per-prompt routings |"]),
     ("bench_scale.py", ["| full FT |", "| LoRA r=16 |", "| SIMoE M=8, fresh masks |",
-                        "| SIMoE M=8, 25% dense |", "| SIMoE 25%, one routing (folded) |"]),
+                        "| SIMoE M=8, 25% dense |", "| SIMoE M=8, 25% dense, compacted |",
+                        "| SIMoE 25%, one routing (folded) |"]),
 ])
 def test_benchmark_runs_quick_and_prints_its_tables(script, headers):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

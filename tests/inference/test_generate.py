@@ -99,6 +99,27 @@ def test_folded_weights_compute_the_routed_model(arch):
     torch.testing.assert_close(base, routed)
 
 
+def test_a_tied_weight_is_folded_apart_from_the_module_it_is_tied_to():
+    """Folding writes the weight columns in place, except a weight another module holds too: the
+    output layer tied to the input embeddings gets a folded copy, the embeddings keep W0."""
+    base = tiny_model("llama")
+    base.lm_head.weight = base.model.embed_tokens.weight  # tied, as many small models ship
+    model = upcycle(base, SIMoEConfig(num_experts=4, target_modules=["lm_head", "q_proj"]))
+    randomize_experts(model)
+    model.eval()
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    routing = torch.tensor([0.1, 0.6, 0.0, 0.3])
+    embeddings = base.model.embed_tokens.weight.clone()
+    with torch.no_grad():
+        routed = model(input_ids=ids, routing=routing.expand(2, 4)).logits
+        with model.folded(routing):
+            assert torch.equal(base.model.embed_tokens.weight, embeddings)
+            folded = model.base_model(input_ids=ids).logits
+    torch.testing.assert_close(folded, routed, rtol=1e-5, atol=1e-5)
+    assert base.lm_head.base.weight is base.model.embed_tokens.weight
+    assert torch.equal(base.model.embed_tokens.weight, embeddings)
+
+
 def test_generate_folds_a_shared_routing_and_restores_the_weights_when_it_raises(monkeypatch):
     model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=4))
     randomize_experts(model)
@@ -116,7 +137,7 @@ def test_generate_folds_a_shared_routing_and_restores_the_weights_when_it_raises
     unfolded = model.generate(input_ids=ids, routing=mixed, **kwargs)  # per-example routings: no fold
     assert len(folds) == 1
     assert torch.equal(out[[0, 2]], unfolded[[0, 2]])  # the rows that kept the shared routing
-    model.fold_shared_routing = False  # e.g. no room for a second copy of the targeted weights
+    model.fold_shared_routing = False  # decode a shared routing on the masked path
     assert torch.equal(model.generate(input_ids=ids, routing=shared, **kwargs), out) and len(folds) == 1
     model.fold_shared_routing = True
 

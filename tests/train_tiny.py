@@ -68,10 +68,10 @@ def main() -> None:
     torch.manual_seed(0)
     model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=4, target_sparsity=0.5))
     train_without_dropout(model)
-    if opts.get("quarter_off"):  # a quarter of every layer's columns off in every expert, far below 0
+    if opts.get("off"):  # this share of every layer's columns off in every expert, far below 0
         with torch.no_grad():
             for _, layer in model.routed_layers():
-                layer.log_alpha[:, : layer.in_features // 4] = -10.0
+                layer.log_alpha[:, : int(opts["off"] * layer.in_features)] = -10.0
     args = SIMoETrainingArguments(
         output_dir=out, max_steps=opts["max_steps"], per_device_train_batch_size=opts.get("batch", 4),
         gradient_accumulation_steps=opts.get("accumulation", 1), learning_rate=3e-3, logging_steps=1,

@@ -60,7 +60,7 @@ def test_compact_after_warmup_shrinks_the_state_resumes_exactly_and_ends_with_an
     from simoe import SIMoEModel
     from simoe.io import read_state
 
-    opts = {"max_steps": 8, "save_steps": 2, "compact": True, "warmup": 4, "quarter_off": True}
+    opts = {"max_steps": 8, "save_steps": 2, "compact": True, "warmup": 4, "off": 0.25}
     full = run_training("train_tiny.py", tmp_path / "full", **opts)
     sizes = _sizes(tmp_path / "full")  # Δ and log α entries at each step's end
     # compacted at the end of step 4, the warm-up's: Δ and log α shrink to the columns still on
@@ -87,3 +87,13 @@ def test_compact_after_warmup_shrinks_the_state_resumes_exactly_and_ends_with_an
         dropped = torch.ones_like(on)
         dropped[columns] = False
         assert not on[dropped].any(), name
+
+
+@pytest.mark.slow
+def test_compaction_waits_until_the_density_target_is_met(tmp_path):
+    """Three quarters of the columns off against a target density of 0.5: the constraint is not met
+    after the warm-up, and dropping columns then would leave a density the run could never raise."""
+    run_training("train_tiny.py", tmp_path, max_steps=6, save_steps=3, compact=True, warmup=2, off=0.75)
+    sizes = _sizes(tmp_path)
+    assert len(set(sizes.values())) == 1  # nothing was dropped
+    assert not (tmp_path / "checkpoint-6" / COMPACTION_NAME).exists()

@@ -56,9 +56,10 @@ class SIMoETrainingArguments(TrainingArguments):
     compact_after_warmup: bool = field(
         default=False,
         metadata={
-            "help": "After the sparsity warm-up, drop the input columns every expert gates off from Δ, "
-            "the mask logits and the optimizer state (they stay off): memory and the optimizer's work "
-            "fall to about the union density. Noise-free gates, one process."
+            "help": "After the sparsity warm-up, at the first step that meets the density target, drop "
+            "the input columns every expert gates off from Δ, the mask logits and the optimizer state "
+            "(they stay off): memory and the optimizer's work fall to about the union density. "
+            "Noise-free gates, one process."
         },
     )
 

@@ -1,6 +1,7 @@
-"""``compact_after_warmup``: once the sparsity warm-up has brought the density down to its target,
-the input columns every expert gates off are dropped from Δ, log α and the optimizer state, so the
-rest of the run holds and updates about the union density of full fine-tuning's trainable state.
+"""``compact_after_warmup``: once the sparsity warm-up has brought the density down to its target
+(and the constraint is met: :func:`constraint_met`), the input columns every expert gates off are
+dropped from Δ, log α and the optimizer state, so the rest of the run holds and updates about the
+union density of full fine-tuning's trainable state.
 
 The dropped columns are frozen off from then on (their gates stay 0). Checkpoints keep Δ and log α
 at the full width (``SIMoEModel.routed_state_dict``) plus the kept columns (``COMPACTION_NAME``),
@@ -18,6 +19,7 @@ from transformers import TrainerCallback
 
 from simoe.io import read_state, save_state
 from simoe.model import SIMoEModel
+from simoe.objectives import constrained_density
 
 COMPACTION_NAME = "simoe_compaction.safetensors"
 
@@ -53,8 +55,23 @@ def load_compaction(model: SIMoEModel, directory: str, optimizer=None) -> None:
         compact(model, optimizer, read_state(path))
 
 
+def constraint_met(model: SIMoEModel) -> bool:
+    """Whether every constrained density (union, or each expert's) is at or above its final target.
+
+    Compaction waits for it: the density often overshoots below the target at the warm-up's end,
+    and λ then revives the columns that died last. Dropped columns cannot revive, so compacting in
+    the overshoot would leave λ pushing, without end, at a density it cannot reach (in the demo,
+    experts five times as dense); from at or above the target the kept columns can still meet it.
+    """
+    c = model.simoe_config
+    with torch.no_grad():
+        density = constrained_density(model.routed_layers(), c.sparsity_scope)
+    return bool((density >= c.target_density).all())
+
+
 class CompactAfterWarmup(TrainerCallback):
-    """Compact after the optimizer step that ends the sparsity warm-up; expand when training ends."""
+    """Compact after the first optimizer step, from the end of the sparsity warm-up on, that leaves
+    the constraint met (:func:`constraint_met`); expand when training ends."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -66,7 +83,8 @@ class CompactAfterWarmup(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         simoe = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        if state.global_step >= self.trainer.sparsity_warmup_steps() and not simoe.compacted_columns():
+        if (state.global_step >= self.trainer.sparsity_warmup_steps() and not simoe.compacted_columns()
+                and constraint_met(simoe)):
             compact(simoe, self.trainer.optimizer)
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -16,7 +16,8 @@ passes when
   run's keys and shapes), in fp32 and finite, and ``SIMoEModel.from_pretrained`` loads them;
 * they equal the unsharded run's within ``--rtol`` / ``--atol``.
 
-One line per case; exit status 0 when every case passes, 1 when one fails, 2 when nothing can be
+It trains the CPU tests' tiny model and data (tests/conftest.py, tests/train_tiny.py: install the
+`dev` extra). One line per case; exit status 0 when every case passes, 1 when one fails, 2 when nothing can be
 checked here (no CUDA GPU; DeepSpeed missing for a ZeRO case). About 1-2 minutes on one GPU (with
 one GPU the sharded runs have one process: the ZeRO / FSDP2 code paths run, the sharding is
 trivial). The CPU test suite covers FSDP2 on gloo (tests/training/test_sharded_training.py);
@@ -42,55 +43,20 @@ DEEPSPEED_CONFIGS = {"zero2": REPO / "configs" / "deepspeed" / "zero2.json",
 FSDP2_CONFIG = REPO / "configs" / "accelerate" / "fsdp2.yaml"
 CASES = ("zero2", "zero3", "fsdp2")
 WEIGHTS = "simoe_model.safetensors"
-VOCAB = 96
 
 # A failing run's stderr line, and what it means (what the trainer is known to get wrong).
-KNOWN = [
-    ("couldn't be switched to its sharded version",
-     "SIMoETrainer's optimizer holds λ, which is not the model's, so accelerate cannot map it to a shard"),
-    ("in simoe_metrics", "SIMoETrainer.simoe_metrics reads log α outside a forward, where it is sharded"),
-    ("ds_id", "a DeepSpeed-partitioned tensor was used outside its module's forward"),
-]
+KNOWN = [("ds_id", "a DeepSpeed-partitioned tensor was used outside its module's forward")]
 
 
 # ---------------------------------------------------------------------------------------- the run
-def tiny_base():
-    """A tiny random Llama in fp32, the same on every call (seeded)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def tiny_parts():
+    """The tests' tiny random Llama (``tiny_model``), its training set and collator
+    (tests/conftest.py, tests/train_tiny.py: the same the CPU tests train)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import tiny_model, train_without_dropout
+    from train_tiny import collate, dataset
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
-
-
-def dataset(n: int = 64) -> list[dict]:
-    """Reverse or sort 3-5 tokens (prompt lengths differ, so padding and token counts vary)."""
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(n):
-        task = i % 2
-        digits = torch.randint(10, VOCAB, (3 + i % 3,), generator=g).tolist()
-        answer = digits[::-1] if task else sorted(digits)
-        prompt = [3 + task, *digits, 1]
-        rows.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer,
-                     "prompt_mask": [1] * len(prompt) + [0] * len(answer)})
-    return rows
-
-
-def collate(rows: list[dict]) -> dict:
-    import torch
-
-    width = max(len(r["input_ids"]) for r in rows)
-    pad = {"input_ids": 0, "labels": -100, "prompt_mask": 0}
-    batch = {k: torch.tensor([r[k] + [v] * (width - len(r[k])) for r in rows]) for k, v in pad.items()}
-    batch["attention_mask"] = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
-                                            for r in rows])
-    return batch
+    return tiny_model, train_without_dropout, dataset, collate
 
 
 def worker(case: str, out: Path, batch: int, steps: int, bf16: bool) -> None:
@@ -106,10 +72,9 @@ def worker(case: str, out: Path, batch: int, steps: int, bf16: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     # Built before the training arguments: with a ZeRO-3 config they make transformers build every
     # model under deepspeed.zero.Init, partitioned before it could be upcycled.
-    model = upcycle(tiny_base(), SIMoEConfig(num_experts=4, target_sparsity=0.5))
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    tiny_model, train_without_dropout, dataset, collate = tiny_parts()
+    model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=4, target_sparsity=0.5))
+    train_without_dropout(model)
     args = SIMoETrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch, learning_rate=3e-3,
         logging_steps=1, save_steps=steps, report_to="none", disable_tqdm=True, seed=7, bf16=bf16,
@@ -178,7 +143,7 @@ def check_loads(run: Path) -> list[str]:
     from simoe import SIMoEModel
 
     try:
-        model = SIMoEModel.from_pretrained(tiny_base(), run / "final")
+        model = SIMoEModel.from_pretrained(tiny_parts()[0]("llama"), run / "final")
     except Exception as e:  # reported, not raised: the other cases still run
         return [f"SIMoEModel.from_pretrained failed: {type(e).__name__}: {e}"]
     saved, routed = load_file(run / "final" / WEIGHTS), model.routed_state_dict()

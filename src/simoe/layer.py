@@ -64,7 +64,10 @@ class SIMoELayer(nn.Module):
         self.base = base
         self.regime = regime
         weight = base.weight
-        self.delta = nn.Parameter(torch.zeros(weight.shape, dtype=torch.float32, device=weight.device))
+        # The weight's full shape, kept: DeepSpeed ZeRO-3 empties a partitioned weight's data (its
+        # shape lives on as ds_shape), so nothing below reads the live weight's shape.
+        self.weight_shape = torch.Size(getattr(weight, "ds_shape", weight.shape))
+        self.delta = nn.Parameter(torch.zeros(self.weight_shape, dtype=torch.float32, device=weight.device))
         log_alpha = torch.full(
             (num_experts, self.in_features), init_logit, dtype=torch.float32, device=weight.device
         )
@@ -83,7 +86,7 @@ class SIMoELayer(nn.Module):
     @property
     def params_per_gate(self) -> int:
         """How many entries of Δ one gate switches: a whole column, or one element."""
-        return self.base.weight.numel() // self.in_features
+        return self.weight_shape.numel() // self.in_features
 
     def gates(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """[M, in_features]: the training gates in train mode, the evaluation gates in eval mode."""
@@ -238,8 +241,7 @@ class SIMoELinear(SIMoELayer):
 
     @property
     def in_features(self) -> int:
-        w = self.base.weight
-        return w.shape[0] if isinstance(self.base, Conv1D) else w.shape[1]
+        return self.weight_shape[0] if isinstance(self.base, Conv1D) else self.weight_shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -299,11 +301,11 @@ class SIMoENorm(SIMoELayer):
     def __init__(self, base: nn.Module, num_experts: int, init_logit: float, init_std: float,
                  regime: str = "noise-free"):
         super().__init__(base, num_experts, init_logit, init_std, regime)
-        self.per_example_weight = _takes_per_example_weight(base)
+        self.per_example_weight = _takes_per_example_weight(base, self.in_features)
 
     @property
     def in_features(self) -> int:
-        return self.base.weight.shape[0]
+        return self.weight_shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged_gates is None:
@@ -319,15 +321,15 @@ class SIMoENorm(SIMoELayer):
 
 
 @torch.no_grad()
-def _takes_per_example_weight(norm: nn.Module) -> bool:
+def _takes_per_example_weight(norm: nn.Module, size: int) -> bool:
     """Whether ``norm`` given a weight [batch, 1, n] normalises each example with its own weight, as
     RMSNorm's ``weight * x`` does (``F.layer_norm`` insists on a weight of the normalised shape)."""
     w = norm.weight
     if w.is_meta:
         return False
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, w.shape[0], generator=g).to(w.device, w.dtype)
-    weights = (1 + torch.randn(2, 1, w.shape[0], generator=g)).to(w.device, w.dtype)
+    x = torch.randn(2, 3, size, generator=g).to(w.device, w.dtype)
+    weights = (1 + torch.randn(2, 1, size, generator=g)).to(w.device, w.dtype)
     try:
         y = functional_call(norm, {"weight": weights}, (x,))
     except (RuntimeError, ValueError, TypeError):

@@ -34,7 +34,7 @@ def expected_density(layers: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
         w = layer.params_per_gate
         per_expert = per_expert + p.sum(dim=1) * w
         union = union + p_union.sum() * w
-        total += layer.base.weight.numel()
+        total += layer.weight_shape.numel()
     return per_expert / total, union / total
 
 
@@ -53,7 +53,7 @@ def deterministic_nonzero(layers: Iterable) -> tuple[torch.Tensor, int, int]:
         w = layer.params_per_gate
         per_expert = per_expert + on.sum(dim=1).long() * w
         union += int(on.any(dim=0).sum()) * w
-        total += layer.base.weight.numel()
+        total += layer.weight_shape.numel()
     return per_expert, union, total
 
 

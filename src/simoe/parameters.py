@@ -33,8 +33,9 @@ def parameter_report(model: SIMoEModel) -> dict:
     layers = [layer for _, layer in model.routed_layers()]
     simoe_tensors = {id(t) for layer in layers for t in (layer.delta, layer.log_alpha)}
 
-    def base_count(module: torch.nn.Module) -> int:
-        return sum(p.numel() for p in module.parameters() if id(p) not in simoe_tensors)
+    def base_count(module: torch.nn.Module) -> int:  # ds_numel: the full size of a ZeRO-3 partition
+        params = [p for p in module.parameters() if id(p) not in simoe_tensors]
+        return sum(getattr(p, "ds_numel", p.numel()) for p in params)
 
     base = base_count(model.base_model)
     kept = [int(layer.gates_on().any(dim=0).sum()) for layer in layers]
@@ -56,7 +57,7 @@ def parameter_report(model: SIMoEModel) -> dict:
         "base_model": model.simoe_config.base_model_name_or_path,
         "num_experts": model.simoe_config.num_experts,
         "base_params": base,
-        "upcycled_params": sum(layer.base.weight.numel() for layer in layers),
+        "upcycled_params": sum(layer.weight_shape.numel() for layer in layers),
         "nonzero_delta_params": delta,
         "kept_columns": sum(kept),
         "total_columns": sum(layer.in_features for layer in layers),

@@ -118,3 +118,23 @@ def test_compaction_refuses_what_it_cannot_do_exactly():
     assert all(v.tolist() == [0, 1, 2, 3] for v in model.compacted_columns().values())
     with pytest.raises(ValueError, match="compacted already"):
         model.compact_(kept)
+
+
+def test_layer_bookkeeping_does_not_read_the_live_base_weight():
+    """DeepSpeed ZeRO-3 empties a partitioned weight's data and keeps its shape as ``ds_shape``: the
+    layers' sizes, Δ's shape and every density report come from the shape kept at construction."""
+    from simoe import objectives
+    from simoe.parameters import parameter_report
+
+    model = tiny_simoe("llama")
+    before = (model.sparsity_report(), parameter_report(model))
+    layers = [layer for _, layer in model.routed_layers()]
+    orth = objectives.orthogonality(layers)
+    for weight in [p for p in model.base_model.parameters() if not p.requires_grad]:  # partitioned
+        weight.ds_shape, weight.ds_numel = weight.shape, weight.numel()
+        weight.data = torch.empty(0, dtype=weight.dtype)
+    assert (model.sparsity_report(), parameter_report(model)) == before
+    assert torch.equal(objectives.orthogonality(layers), orth)
+    partitioned = layers[0].base
+    rebuilt = SIMoELinear(partitioned, 4, 0.0, 0.1)
+    assert rebuilt.delta.shape == partitioned.weight.ds_shape and rebuilt.in_features == layers[0].in_features

@@ -208,7 +208,7 @@ def nonzero_share(model: SIMoEModel) -> dict:
         for kind, key in (("by_depth", layer_depth(name)), ("by_type", module_type(name, layer)),
                           ("overall", "all")):
             c = counts[kind].setdefault(key, [0, 0, [0] * num_experts])
-            c[0] += layer.base.weight.numel()
+            c[0] += layer.weight_shape.numel()
             c[1] += union
             c[2] = [a + b for a, b in zip(c[2], per_expert, strict=True)]
     if not counts["overall"]:

@@ -20,8 +20,8 @@ It trains the CPU tests' tiny model and data (tests/conftest.py, tests/train_tin
 `dev` extra). One line per case; exit status 0 when every case passes, 1 when one fails, 2 when nothing can be
 checked here (no CUDA GPU; DeepSpeed missing for a ZeRO case). About 1-2 minutes on one GPU (with
 one GPU the sharded runs have one process: the ZeRO / FSDP2 code paths run, the sharding is
-trivial). The CPU test suite covers FSDP2 on gloo (tests/training/test_sharded_training.py);
-DeepSpeed only this script checks.
+trivial). The CPU test suite covers FSDP2 on gloo (tests/training/test_sharded_training.py), and
+ZeRO-2/3 on DeepSpeed's CPU accelerator where deepspeed is installed.
 """
 
 from __future__ import annotations

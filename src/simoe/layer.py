@@ -23,7 +23,7 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 from simoe import hard_concrete
-from simoe.masked_delta import MaskedDelta
+from simoe.masked_delta import MaskedDelta, x_columns
 
 
 def active_columns(gates: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -230,7 +230,7 @@ class SIMoELinear(SIMoELayer):
         """Δ's columns some expert keeps (:func:`active_columns`; None: all), and in eval mode Δ
         gathered on them."""
         self.active = active
-        self.x_index = self.kept if active is None else active if self.kept is None else self.kept[active]
+        self.x_index = x_columns(self.kept, active)
         self.active_delta = self.active_merged_gates = None
         if not self.training and self.active is not None:
             # decoding reads Δ and m once per token: gather their active columns once per routing
@@ -251,7 +251,7 @@ class SIMoELinear(SIMoELayer):
             masked = x.index_select(-1, self.x_index) * self._merged_gates_for(x, self.active_merged_gates)
             delta = self.active_delta.to(x.dtype)
             return y + (masked @ delta if self._conv1d else F.linear(masked, delta))
-        return y + MaskedDelta.apply(x, self._merged_gates_for(x), self.delta, self.x_index, self.active,
+        return y + MaskedDelta.apply(x, self._merged_gates_for(x), self.delta, self.kept, self.active,
                                      self._conv1d)
 
     # ---------------------------------------------------------------- compaction

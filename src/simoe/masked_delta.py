@@ -6,6 +6,14 @@ import torch
 import torch.nn.functional as F
 
 
+def x_columns(kept: torch.Tensor | None, active: torch.Tensor | None) -> torch.Tensor | None:
+    """The input columns x is read on: Δ's active columns (indices into Δ's ``kept`` columns when it
+    is compacted, else into x's), mapped to x's columns; None: all of them."""
+    if kept is None:
+        return active
+    return kept if active is None else kept[active]
+
+
 def _columns(x, merged_gates, delta, x_index, index, conv1d):
     """x on its columns ``x_index``, and m and Δ (in x's dtype) on their columns ``index`` (None: all)."""
     if x_index is not None:
@@ -34,14 +42,15 @@ class MaskedDelta(torch.autograd.Function):
     exactly zero for Δ and x; for m they are dropped, which is exact for the parameters: those
     gates sit in the clamp's flat region, where dz/d log α = 0, and z = 0 there, so the router's
     gradient Σ_col (dL/dm) z gets nothing from them either.
-    ``index`` picks the active columns of m and Δ (None: all), ``x_index`` the same columns of x
-    (they differ once Δ is compacted: :meth:`SIMoELinear.compact_`).
+    ``active`` picks the active columns of m and Δ (None: all); ``kept``, for a compacted Δ
+    (:meth:`SIMoELinear.compact_`), the input columns Δ's columns stand for (:func:`x_columns`).
     Δ comes in as the fp32 parameter and is cast to x's dtype inside, so a bf16 model keeps no
     bf16 copy of Δ for backward.
     """
 
     @staticmethod
-    def forward(ctx, x, merged_gates, delta, x_index, index, conv1d: bool):
+    def forward(ctx, x, merged_gates, delta, kept, active, conv1d: bool):
+        x_index, index = x_columns(kept, active), active
         xs, ms, ds = _columns(x, merged_gates, delta, x_index, index, conv1d)
         ctx.save_for_backward(xs, ms, delta, x_index, index)
         ctx.conv1d, ctx.x_shape, ctx.m_shape = conv1d, x.shape, merged_gates.shape

@@ -101,13 +101,13 @@ def test_masked_delta_gradients_equal_autograd_reference():
     columns and on a compacted Δ (4 of x's 7 columns) with 3 of its columns active."""
     g = torch.Generator().manual_seed(0)
     kept, active = torch.tensor([0, 2, 3, 6]), torch.tensor([0, 1, 3])
-    for x_width, columns, x_index, index in ((5, 5, None, None), (7, 4, kept[active], active)):
+    for x_width, columns, kept_columns, index in ((5, 5, None, None), (7, 4, kept, active)):
         x = torch.randn(3, 4, 2, x_width, dtype=torch.float64, generator=g, requires_grad=True)
         merged = torch.rand(3, 1, 1, columns, dtype=torch.float64, generator=g, requires_grad=True)
         for conv1d, shape in ((False, (6, columns)), (True, (columns, 6))):
             delta = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
             assert torch.autograd.gradcheck(
-                lambda x, m, d: MaskedDelta.apply(x, m, d, x_index, index, conv1d),  # noqa: B023
+                lambda x, m, d: MaskedDelta.apply(x, m, d, kept_columns, index, conv1d),  # noqa: B023
                 (x, merged, delta))
 
 
@@ -124,7 +124,7 @@ def test_active_columns_path_equals_dense_path():
         grad_out = torch.randn(3, 4, 5, generator=g)
         results = []
         for cols in (None, active):
-            y = MaskedDelta.apply(x, merged, delta, cols, cols, conv1d)
+            y = MaskedDelta.apply(x, merged, delta, None, cols, conv1d)
             results.append((y, *torch.autograd.grad(y, (x, merged, delta), grad_out)))
         (y0, gx0, gm0, gd0), (y1, gx1, gm1, gd1) = results
         assert torch.allclose(y0, y1, atol=1e-6) and torch.allclose(gx0, gx1, atol=1e-6)

@@ -2,7 +2,9 @@
 shipped configs/accelerate/fsdp2.yaml as a GPU user launches it. accelerate does not shard on CPU by
 itself; tests/fsdp2_tiny.py lifts that one gate (its docstring says where and how), and every step
 below checks that the trainable tensors really were sharded, so a fallback to DDP fails.
-DeepSpeed needs a GPU: benchmarks/check_distributed.py checks ZeRO-2/3 (and FSDP2) there."""
+DeepSpeed ZeRO-2/3 likewise, on DeepSpeed's CPU accelerator (tests/deepspeed_tiny.py), when deepspeed
+is installed (it is not a dependency; CI skips these); benchmarks/check_distributed.py checks ZeRO-2/3
+and FSDP2 on a GPU."""
 
 import json
 import shutil
@@ -109,3 +111,56 @@ def test_the_shipped_deepspeed_configs_leave_optimizer_and_schedule_to_the_train
     assert config["bf16"]["enabled"] == "auto"
     if stage == 3:  # Trainer gathers the partitioned tensors and hands them to SIMoETrainer._save
         assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def _deepspeed(out: Path, config: Path, check: bool = True, **opts) -> dict[int, dict]:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--master_port", "29548"]
+    return run_training("deepspeed_tiny.py", out, launch, check, deepspeed=str(config), **opts)
+
+
+def _partitioned(out: Path) -> list[bool]:
+    return [json.loads(line)["partitioned"] for line in (out / "partitioned.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_run_equals_one_process_and_saves_whole_fp32_tensors(tmp_path, stage):
+    pytest.importorskip("deepspeed")
+    from conftest import tiny_model
+
+    from simoe import SIMoEModel
+
+    config = json.loads((REPO / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
+    if stage == 3:  # the tiny model's tensors all fall under the shipped threshold: partition Δ for real
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 500
+    (tmp_path / "zero.json").write_text(json.dumps(config))
+    one = run_training("deepspeed_tiny.py", tmp_path / "one", max_steps=4, batch=4)
+    two = _deepspeed(tmp_path / "two", tmp_path / "zero.json", max_steps=4, batch=2)
+    assert _partitioned(tmp_path / "two") == [stage == 3] * 4
+    for step in one:
+        same_logs(one[step], two[step])
+    for name in ("checkpoint-2", "checkpoint-4", "final"):  # gathered by Trainer, handed to _save
+        same_weights(tmp_path / "one" / name, tmp_path / "two" / name, rtol=1e-4, atol=1e-5)
+        saved = load_file(tmp_path / "two" / name / WEIGHTS_FILE)
+        assert {t.dtype for t in saved.values()} == {torch.float32}, name
+    model = SIMoEModel.from_pretrained(tiny_model("llama"), tmp_path / "two" / "final")
+    saved = load_file(tmp_path / "two" / "final" / WEIGHTS_FILE)
+    assert all(torch.equal(model.routed_state_dict()[k], saved[k]) for k in saved)
+
+    if stage == 2:  # resume from checkpoint-2: steps 3-4 as the uninterrupted run took them
+        resumed_dir = tmp_path / "resumed"
+        shutil.copytree(tmp_path / "two" / "checkpoint-2", resumed_dir / "checkpoint-2")
+        resumed = _deepspeed(resumed_dir, tmp_path / "zero.json", max_steps=4, batch=2,
+                             resume=str(resumed_dir / "checkpoint-2"))
+        assert sorted(resumed) == [3, 4]
+        for step in resumed:
+            same_logs(resumed[step], two[step])
+        same_weights(tmp_path / "two" / "final", resumed_dir / "final", rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_refuses_upcycled_norms_with_a_clear_error(tmp_path):
+    pytest.importorskip("deepspeed")
+    with pytest.raises(AssertionError, match="upcycle_norms false"):
+        _deepspeed(tmp_path, REPO / "configs" / "deepspeed" / "zero3.json", max_steps=1, batch=2, norms=True)

@@ -148,15 +148,17 @@ def test_deepspeed_zero_run_equals_one_process_and_saves_whole_fp32_tensors(tmp_
     saved = load_file(tmp_path / "two" / "final" / WEIGHTS_FILE)
     assert all(torch.equal(model.routed_state_dict()[k], saved[k]) for k in saved)
 
-    if stage == 2:  # resume from checkpoint-2: steps 3-4 as the uninterrupted run took them
-        resumed_dir = tmp_path / "resumed"
-        shutil.copytree(tmp_path / "two" / "checkpoint-2", resumed_dir / "checkpoint-2")
-        resumed = _deepspeed(resumed_dir, tmp_path / "zero.json", max_steps=4, batch=2,
-                             resume=str(resumed_dir / "checkpoint-2"))
-        assert sorted(resumed) == [3, 4]
-        for step in resumed:
-            same_logs(resumed[step], two[step])
-        same_weights(tmp_path / "two" / "final", resumed_dir / "final", rtol=0, atol=0)
+    if stage == 3:
+        return  # resuming a ZeRO-3 run is not solved yet: see the README
+    # resume from checkpoint-2 (DeepSpeed's own checkpoint): steps 3-4 as the uninterrupted run took them
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two" / "checkpoint-2", resumed_dir / "checkpoint-2")
+    resumed = _deepspeed(resumed_dir, tmp_path / "zero.json", max_steps=4, batch=2,
+                         resume=str(resumed_dir / "checkpoint-2"))
+    assert sorted(resumed) == [3, 4]
+    for step in resumed:
+        same_logs(resumed[step], two[step])
+    same_weights(tmp_path / "two" / "final", resumed_dir / "final", rtol=0, atol=0)
 
 
 @pytest.mark.slow
@@ -164,3 +166,13 @@ def test_deepspeed_zero3_refuses_upcycled_norms_with_a_clear_error(tmp_path):
     pytest.importorskip("deepspeed")
     with pytest.raises(AssertionError, match="upcycle_norms false"):
         _deepspeed(tmp_path, REPO / "configs" / "deepspeed" / "zero3.json", max_steps=1, batch=2, norms=True)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_refuses_to_partition_the_mask_logits(tmp_path):
+    pytest.importorskip("deepspeed")
+    config = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 10  # below every log α
+    (tmp_path / "zero.json").write_text(json.dumps(config))
+    with pytest.raises(AssertionError, match="raise zero_optimization.stage3_param_persistence_threshold"):
+        _deepspeed(tmp_path, tmp_path / "zero.json", max_steps=1, batch=2)

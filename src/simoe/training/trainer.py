@@ -23,7 +23,6 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from simoe.io import load_state_into, read_state, save_state
-from simoe.layer import SIMoENorm
 from simoe.model import SIMoEModel
 from simoe.objectives import (
     SIMoERegularizer,
@@ -39,6 +38,7 @@ from simoe.training.checkpoints import StagedCheckpoints
 from simoe.training.compaction import CompactAfterWarmup, load_compaction, save_compaction
 from simoe.training.console import compact_console
 from simoe.training.faults import StopOnNonFinite
+from simoe.training.zero3 import CheckZero3
 
 logger = logging.get_logger(__name__)
 
@@ -115,11 +115,8 @@ class SIMoETrainer(StagedCheckpoints, Trainer):
         self.add_callback(_AfterOptimizerStep(self))
         compact_console(self)
         self.add_callback(StopOnNonFinite())
-        zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else 0
-        if zero_stage == 3 and any(isinstance(layer, SIMoENorm) for _, layer in model.routed_layers()):
-            raise ValueError("DeepSpeed ZeRO-3 cannot train upcycled norms: ZeRO-3 hooks every module "
-                             "and a SIMoE norm runs its base with a per-example weight in place of the "
-                             "partitioned one; pass --upcycle_norms false (or use ZeRO-2 or FSDP2)")
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            self.add_callback(CheckZero3())
         if args.compact_after_warmup:
             if model.simoe_config.gate_regime != "noise-free":
                 raise ValueError("compact_after_warmup needs gate_regime='noise-free': a stochastic "

@@ -1,0 +1,38 @@
+"""What SIMoE needs under DeepSpeed ZeRO-3, which partitions every parameter across the ranks and
+gathers a module's own parameters only around that module's forward and backward.
+
+* The routing reads every layer's log α before the layers run (``SIMoEModel.set_routing``), so log α
+  must stay whole: DeepSpeed keeps tensors under ``stage3_param_persistence_threshold`` whole, and
+  :func:`check_zero3` refuses a run in which some log α is larger. Not yet solved: a run resumed
+  from a ZeRO-3 checkpoint finds some log α partitioned at its first routing (README).
+* A SIMoE norm runs its base with a per-example weight in place of the hooked parameter, which
+  ZeRO-3's hooks cannot follow: :func:`check_zero3` refuses upcycled norms.
+"""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from simoe.layer import SIMoENorm
+from simoe.model import SIMoEModel
+
+
+def check_zero3(model: SIMoEModel) -> None:
+    """Refuse, with what to change, a model that ZeRO-3 cannot train (its parameters converted)."""
+    layers = [layer for _, layer in model.routed_layers()]
+    if any(isinstance(layer, SIMoENorm) for layer in layers):
+        raise ValueError("DeepSpeed ZeRO-3 cannot train upcycled norms: ZeRO-3 hooks every module and "
+                         "a SIMoE norm runs its base with a per-example weight in place of the partitioned "
+                         "one; pass --upcycle_norms false (or use ZeRO-2 or FSDP2)")
+    largest = max((layer.log_alpha for layer in layers), key=lambda p: getattr(p, "ds_numel", 0))
+    if not getattr(largest, "ds_persist", True):
+        raise ValueError(f"DeepSpeed ZeRO-3 partitions log α ({largest.ds_numel} entries in the largest "
+                         "layer), which the routing reads before the layers run: raise "
+                         f"zero_optimization.stage3_param_persistence_threshold above {largest.ds_numel}")
+
+
+class CheckZero3(TrainerCallback):
+    """:func:`check_zero3` once DeepSpeed has converted the model, before the first step."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        check_zero3(model)

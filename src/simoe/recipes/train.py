@@ -16,6 +16,7 @@ from simoe.io import save_json
 from simoe.training.arguments import DataArguments, ModelArguments, SIMoETrainingArguments
 from simoe.training.baseline_trainer import BaselineTrainer
 from simoe.training.trainer import SIMoETrainer
+from simoe.training.zero3 import whole_base
 
 
 def peak_memory_mb() -> float:
@@ -51,10 +52,11 @@ def run_train(
     if not data_args.data:
         raise ValueError("no training data: pass --data (or `data:` in the --config file)")
     set_seed(training_args.seed)  # before upcycling: mask noise and router init are seeded
-    base, tokenizer = load_model_and_tokenizer(
-        model_args.model_name_or_path, dtype=model_args.dtype,
-        attn_implementation=model_args.attn_implementation,
-    )
+    with whole_base(training_args):  # upcycled whole; ZeRO-3 partitions it when the trainer wraps it
+        base, tokenizer = load_model_and_tokenizer(
+            model_args.model_name_or_path, dtype=model_args.dtype,
+            attn_implementation=model_args.attn_implementation,
+        )
     config = dataclasses.replace(config, base_model_name_or_path=model_args.model_name_or_path)
     model = build(model_args.method, base, config, tokenizer)
     with training_args.main_process_first(desc="tokenizing"):

@@ -7,9 +7,16 @@ gathers a module's own parameters only around that module's forward and backward
   from a ZeRO-3 checkpoint finds some log α partitioned at its first routing (README).
 * A SIMoE norm runs its base with a per-example weight in place of the hooked parameter, which
   ZeRO-3's hooks cannot follow: :func:`check_zero3` refuses upcycled norms.
+* transformers builds a model inside DeepSpeed's ``zero.Init`` once training arguments with a ZeRO-3
+  config exist, partitioned as it is built; the base must be whole to be upcycled, so ``simoe
+  train`` loads it inside :func:`whole_base` (DeepSpeed partitions the upcycled model when the
+  trainer wraps it).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 from transformers import TrainerCallback
 
@@ -36,3 +43,19 @@ class CheckZero3(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         check_zero3(model)
+
+
+@contextlib.contextmanager
+def whole_base(training_args) -> Iterator[None]:
+    """Models built inside this context are whole, even with a ZeRO-3 config in ``training_args``."""
+    config = getattr(training_args, "hf_deepspeed_config", None)
+    if config is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(config)

@@ -20,12 +20,10 @@ import sys
 
 import torch
 from conftest import tiny_model, train_without_dropout
-from train_tiny import Record, collate, dataset
+from train_tiny import train
 from transformers import TrainerCallback
 
 from simoe import SIMoEConfig, upcycle
-from simoe.training.arguments import SIMoETrainingArguments
-from simoe.training.trainer import SIMoETrainer
 
 
 def allow_deepspeed_on_cpu() -> None:
@@ -69,17 +67,7 @@ def main() -> None:
     model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=4, target_sparsity=0.5,
                                                      upcycle_norms=opts.get("norms", False)))
     train_without_dropout(model)
-    args = SIMoETrainingArguments(
-        output_dir=out, max_steps=opts["max_steps"], per_device_train_batch_size=opts.get("batch", 4),
-        learning_rate=3e-3, logging_steps=1, save_steps=opts.get("save_steps", 2), report_to="none",
-        use_cpu=True, disable_tqdm=True, ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None,
-        dataloader_num_workers=0, seed=7, deepspeed=opts.get("deepspeed"),
-    )
-    trainer = SIMoETrainer(model, args, train_dataset=dataset(), data_collator=collate)
-    trainer.add_callback(Record(os.path.join(out, "log.jsonl"), None))
-    trainer.add_callback(RecordPartitioning())
-    trainer.train(resume_from_checkpoint=opts.get("resume"))
-    trainer.save_model(os.path.join(out, "final"))
+    train(out, {"save_steps": 2, **opts}, model, RecordPartitioning(), deepspeed=opts.get("deepspeed"))
 
 
 if __name__ == "__main__":

@@ -72,19 +72,28 @@ def main() -> None:
         with torch.no_grad():
             for _, layer in model.routed_layers():
                 layer.log_alpha[:, : int(opts["off"] * layer.in_features)] = -10.0
+    train(out, opts, model, gradient_accumulation_steps=opts.get("accumulation", 1),
+          compact_after_warmup=opts.get("compact", False), sparsity_warmup_steps=opts.get("warmup", 0.3),
+          mask_learning_rate=opts.get("mask_lr", 0.05))
+
+
+def train(out: str, opts: dict, model, *callbacks: TrainerCallback, **arguments) -> None:
+    """Train ``model`` on :func:`dataset` with the tiny runs' settings (``opts``: max_steps, batch,
+    save_steps, resume, kill_at; ``arguments``: further SIMoETrainingArguments), log every step to
+    OUT/log.jsonl, save OUT/final and leave the process group, if any (the sharded runs use it too)."""
     args = SIMoETrainingArguments(
         output_dir=out, max_steps=opts["max_steps"], per_device_train_batch_size=opts.get("batch", 4),
-        gradient_accumulation_steps=opts.get("accumulation", 1), learning_rate=3e-3, logging_steps=1,
-        save_steps=opts.get("save_steps", 4), report_to="none", use_cpu=True, disable_tqdm=True,
-        ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None, dataloader_num_workers=0, seed=7,
-        compact_after_warmup=opts.get("compact", False), sparsity_warmup_steps=opts.get("warmup", 0.3),
-        mask_learning_rate=opts.get("mask_lr", 0.05),
+        learning_rate=3e-3, logging_steps=1, save_steps=opts.get("save_steps", 4), report_to="none",
+        use_cpu=True, disable_tqdm=True, ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None,
+        dataloader_num_workers=0, seed=7, **arguments,
     )
     trainer = SIMoETrainer(model, args, train_dataset=dataset(), data_collator=collate)
-    trainer.add_callback(Record(os.path.join(out, "log.jsonl"), opts.get("kill_at")))
+    for callback in (Record(os.path.join(out, "log.jsonl"), opts.get("kill_at")), *callbacks):
+        trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=opts.get("resume"))
     trainer.save_model(os.path.join(out, "final"))
-
+    if torch.distributed.is_initialized():  # a clean exit: no collective thread left behind
+        torch.distributed.destroy_process_group()
 
 if __name__ == "__main__":
     main()

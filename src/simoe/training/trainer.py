@@ -38,7 +38,7 @@ from simoe.training.checkpoints import StagedCheckpoints
 from simoe.training.compaction import CompactAfterWarmup, load_compaction, save_compaction
 from simoe.training.console import compact_console
 from simoe.training.faults import StopOnNonFinite
-from simoe.training.zero3 import CheckZero3
+from simoe.training.zero3 import PrepareZero3
 
 logger = logging.get_logger(__name__)
 
@@ -116,7 +116,7 @@ class SIMoETrainer(StagedCheckpoints, Trainer):
         compact_console(self)
         self.add_callback(StopOnNonFinite())
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            self.add_callback(CheckZero3())
+            self.add_callback(PrepareZero3())
         if args.compact_after_warmup:
             if model.simoe_config.gate_regime != "noise-free":
                 raise ValueError("compact_after_warmup needs gate_regime='noise-free': a stochastic "

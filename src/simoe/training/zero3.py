@@ -2,9 +2,10 @@
 gathers a module's own parameters only around that module's forward and backward.
 
 * The routing reads every layer's log α before the layers run (``SIMoEModel.set_routing``), so log α
-  must stay whole: DeepSpeed keeps tensors under ``stage3_param_persistence_threshold`` whole, and
-  :func:`check_zero3` refuses a run in which some log α is larger. Not yet solved: a run resumed
-  from a ZeRO-3 checkpoint finds some log α partitioned at its first routing (README).
+  must be whole then: :class:`PrepareZero3` registers them as parameters the model's own forward
+  uses. The trainer's metrics read them between steps, so DeepSpeed must keep them whole
+  (``stage3_param_persistence_threshold`` above their size): :func:`check_zero3` refuses a run
+  in which some log α is larger.
 * A SIMoE norm runs its base with a per-example weight in place of the hooked parameter, which
   ZeRO-3's hooks cannot follow: :func:`check_zero3` refuses upcycled norms.
 * transformers builds a model inside DeepSpeed's ``zero.Init`` once training arguments with a ZeRO-3
@@ -38,11 +39,17 @@ def check_zero3(model: SIMoEModel) -> None:
                          f"zero_optimization.stage3_param_persistence_threshold above {largest.ds_numel}")
 
 
-class CheckZero3(TrainerCallback):
-    """:func:`check_zero3` once DeepSpeed has converted the model, before the first step."""
+class PrepareZero3(TrainerCallback):
+    """Once DeepSpeed has converted the model, before the first step: :func:`check_zero3`, and every
+    log α registered as an external parameter of the model itself, whose forward reads them in the
+    routing: ZeRO-3 then has them whole (not partitioned, not still in flight) when it begins."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         check_zero3(model)
+        import deepspeed
+
+        for _, layer in model.routed_layers():
+            deepspeed.zero.register_external_parameter(model, layer.log_alpha)
 
 
 @contextlib.contextmanager

@@ -153,11 +153,9 @@ class SIMoELayer(nn.Module):
             return lambda: setattr(self.base, "weight", weight)
         dim = self.column_dim
         columns = merged_gates.nonzero().squeeze(1)
-        weight_columns = columns if self.kept is None else self.kept[columns]
+        weight_columns = x_columns(self.kept, columns)
         original = weight.index_select(dim, weight_columns)
-        m = merged_gates[columns].float()
-        if self.delta.dim() == 2:
-            m = m.unsqueeze(1 - dim)
+        m = self._along_columns(merged_gates[columns].float())
         folded = original.float() + self.delta.index_select(dim, columns) * m
         weight.index_copy_(dim, weight_columns, folded.to(weight.dtype))
         return lambda: weight.index_copy_(dim, weight_columns, original)
@@ -167,12 +165,14 @@ class SIMoELayer(nn.Module):
         """The base weight with one routing's merged experts folded in, a new tensor in the weight's
         dtype: W0 + Δ·diag(m) (Conv1D, weight in x out: diag(m)·Δ; a norm: g0 + m ⊙ Δ), m [in]."""
         weight = self.base.weight
-        m = merged_gates.to(torch.float32)
-        if self.delta.dim() == 2:  # m along the gated dimension, broadcast over the other
-            m = m.unsqueeze(1 - self.column_dim)
+        m = self._along_columns(merged_gates.to(torch.float32))
         if self.kept is not None:  # Δ holds these columns only (SIMoELinear.compact_)
             return weight.float().index_add(self.column_dim, self.kept, self.delta * m).to(weight.dtype)
         return (weight.float() + self.delta * m).to(weight.dtype)
+
+    def _along_columns(self, m: torch.Tensor) -> torch.Tensor:
+        """A vector over Δ's gated columns, shaped to broadcast against Δ (along the gated dimension)."""
+        return m.unsqueeze(1 - self.column_dim) if self.delta.dim() == 2 else m
 
     def full_tensors(self, dropped_logit: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Δ and log α at the full input width: columns dropped by ``SIMoELinear.compact_`` get Δ = 0

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from simoe import hard_concrete
 from simoe.config import SIMoEConfig
 from simoe.io import read_state, save_json, save_state
+from simoe.masked_delta import x_columns
 from simoe.model import SIMoEModel, upcycle
 from simoe.parameters import parameter_report
 
@@ -42,7 +43,7 @@ def save_compact(model: SIMoEModel, directory: str | os.PathLike) -> dict:
     for name, layer in model.routed_layers():
         gates = layer.eval_gates()
         columns = layer.gates_on().any(dim=0).nonzero().squeeze(1)
-        tensors[f"{name}.columns"] = columns if layer.kept is None else layer.kept[columns]
+        tensors[f"{name}.columns"] = x_columns(layer.kept, columns)  # the input's columns
         tensors[f"{name}.delta"] = layer.delta.index_select(layer.column_dim, columns)
         tensors[f"{name}.gates"] = gates.index_select(1, columns)
     for key, value in model.router.state_dict().items():

@@ -259,13 +259,7 @@ class SIMoEModel(PromptRoutedModel):
         keep exactly those. Noise-free gates only: a stochastic gate can be sampled on anywhere.
         Returns {layer name: the kept columns as indices into the layer's Δ before the call}.
         """
-        c = self.simoe_config
-        if c.gate_regime != "noise-free":
-            raise ValueError(f"compaction needs gate_regime='noise-free', not {c.gate_regime!r}: "
-                             "a stochastic gate can be sampled on in any column")
-        if hard_concrete.noise_free(torch.tensor(c.mask_logit_min)) != 0:
-            raise ValueError(f"compaction needs mask_logit_min < {hard_concrete.NOISE_FREE_ZERO:.3f} "
-                             f"(a gate of 0 for the dropped columns), got {c.mask_logit_min}")
+        self.check_compactable()
         local = {}
         for name, layer in self.routed_layers():
             if not isinstance(layer, SIMoELinear):
@@ -279,6 +273,16 @@ class SIMoEModel(PromptRoutedModel):
             layer.compact_(keep)
             local[name] = keep
         return local
+
+    def check_compactable(self) -> None:
+        """Refuse options under which dropping columns would not be exact (:meth:`compact_`)."""
+        c = self.simoe_config
+        if c.gate_regime != "noise-free":
+            raise ValueError(f"compaction needs gate_regime='noise-free', not {c.gate_regime!r}: "
+                             "a stochastic gate can be sampled on in any column")
+        if hard_concrete.noise_free(torch.tensor(c.mask_logit_min)) != 0:
+            raise ValueError(f"compaction needs mask_logit_min < {hard_concrete.NOISE_FREE_ZERO:.3f} "
+                             f"(a gate of 0 for the dropped columns), got {c.mask_logit_min}")
 
     @torch.no_grad()
     def expand_(self) -> None:

@@ -97,3 +97,17 @@ def test_compaction_waits_until_the_density_target_is_met(tmp_path):
     sizes = _sizes(tmp_path)
     assert len(set(sizes.values())) == 1  # nothing was dropped
     assert not (tmp_path / "checkpoint-6" / COMPACTION_NAME).exists()
+
+
+def test_the_trainer_refuses_compaction_it_cannot_do_exactly_before_training(tmp_path):
+    from conftest import tiny_model
+
+    from simoe import SIMoEConfig, upcycle
+    from simoe.training.arguments import SIMoETrainingArguments
+    from simoe.training.trainer import SIMoETrainer
+
+    model = upcycle(tiny_model("llama"), SIMoEConfig(num_experts=2, gate_regime="stochastic"))
+    args = SIMoETrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                  compact_after_warmup=True)
+    with pytest.raises(ValueError, match="compaction needs gate_regime='noise-free'"):
+        SIMoETrainer(model, args)

@@ -118,9 +118,7 @@ class SIMoETrainer(StagedCheckpoints, Trainer):
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             self.add_callback(PrepareZero3())
         if args.compact_after_warmup:
-            if model.simoe_config.gate_regime != "noise-free":
-                raise ValueError("compact_after_warmup needs gate_regime='noise-free': a stochastic "
-                                 "gate can be sampled on in any column")
+            model.check_compactable()  # now, not when the warm-up ends
             self.add_callback(CompactAfterWarmup(self))
 
     # ------------------------------------------------------------------ schedules

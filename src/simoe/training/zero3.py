@@ -35,7 +35,7 @@ def check_zero3(model: SIMoEModel) -> None:
     largest = max((layer.log_alpha for layer in layers), key=lambda p: getattr(p, "ds_numel", 0))
     if not getattr(largest, "ds_persist", True):
         raise ValueError(f"DeepSpeed ZeRO-3 partitions log α ({largest.ds_numel} entries in the largest "
-                         "layer), which the routing reads before the layers run: raise "
+                         "layer), which the trainer's metrics read between steps: raise "
                          f"zero_optimization.stage3_param_persistence_threshold above {largest.ds_numel}")
 
 
